@@ -1,0 +1,3 @@
+from topocl.cli import main
+
+raise SystemExit(main())

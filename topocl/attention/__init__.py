@@ -1,0 +1,4 @@
+"""Attention kinds, chosen by name from `topocl.registry.ATTENTION`. Importing this package registers
+every kind."""
+
+from topocl.attention import dense  # noqa: F401  (registers "dense")

@@ -1,0 +1,82 @@
+"""Shared attention ops: RoPE, GQA expansion, causal masks, top-k masking, reference softmax attention.
+
+Shape legend
+    B  batch            T  query positions       S  key positions (S = T here, causal)
+    H  query heads      Hk key/value heads       G  = H // Hk, query heads per KV group
+    D  head dim
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def rope_cache(seq_len: int, dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape [seq_len, dim // 2] (NeoX / half-split layout)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))  # [D/2]
+    t = torch.arange(seq_len, dtype=torch.float64)
+    freqs = torch.outer(t, inv_freq)  # [T, D/2]
+    return freqs.cos().float(), freqs.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the last dim of x [..., T, D] by (cos, sin) [T, D/2], half-split (non-interleaved) layout."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def repeat_kv(x: Tensor, groups: int) -> Tensor:
+    """[B, Hk, S, D] -> [B, Hk*G, S, D]: each KV head serves G consecutive query heads."""
+    if groups == 1:
+        return x
+    b, hk, s, d = x.shape
+    return x[:, :, None].expand(b, hk, groups, s, d).reshape(b, hk * groups, s, d)
+
+
+def causal_mask(t: int, s: int | None = None, device: torch.device | None = None) -> Tensor:
+    """Bool [T, S], True where key s is visible to query t (s <= t + S - T)."""
+    s = t if s is None else s
+    return torch.ones(t, s, dtype=torch.bool, device=device).tril(diagonal=s - t)
+
+
+def topk_mask(scores: Tensor, k: int | Tensor, visible: Tensor) -> Tensor:
+    """Keep the top-k visible keys of each query row.
+
+    scores [..., T, S] (any real scores), visible bool broadcastable to [..., T, S], k an int or an
+    int tensor broadcastable to [..., T, 1] (per-row budgets). Returns bool [..., T, S]: True at the
+    kept keys, always a subset of `visible` (rows with fewer than k visible keys keep them all; the
+    causal mask is re-applied after the scatter, so padding picks never leak the future).
+    Ties are broken by torch.topk's order. This is the op the `split` kind and head-split surgery share.
+    """
+    s = scores.shape[-1]
+    kmax = int(k if isinstance(k, int) else k.max())
+    kmax = max(1, min(kmax, s))
+    masked = scores.masked_fill(~visible, float("-inf"))
+    idx = masked.topk(kmax, dim=-1).indices  # [..., T, kmax]
+    keep = torch.zeros_like(masked, dtype=torch.bool).scatter_(-1, idx, True)
+    if not isinstance(k, int):  # per-row budget: drop picks ranked >= k
+        rank = torch.arange(kmax, device=scores.device)
+        sel = rank < k  # [..., T, kmax]
+        keep = torch.zeros_like(keep).scatter_(-1, idx, sel)
+    return keep & visible
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None = None) -> Tensor:
+    """Reference masked softmax attention. q [B,H,T,D], k/v [B,H,S,D], mask bool broadcastable to
+    [B,H,T,S] (True = visible). Rows with no visible key return 0 (not NaN)."""
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scores = (q @ k.transpose(-1, -2)) * scale  # [B, H, T, S]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(q.dtype)  # all-masked rows -> 0
+    return probs @ v  # [B, H, T, D]
+
+
+def sdpa_causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Dense causal attention with GQA. q [B,H,T,D], k/v [B,Hk,T,D] -> [B,H,T,D]."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])

@@ -1,0 +1,179 @@
+"""A readable decoder-only GPT: token embedding -> N x [RMSNorm -> attention -> RMSNorm -> FFN] -> RMSNorm
+-> lm_head. RoPE positions, grouped-query attention, SwiGLU MLP, untied embedding and head.
+
+The attention and FFN kinds come from registries (`cfg.attention`, `cfg.ffn`), so a sparse topology
+is a config change. Every parameter has exactly one role (`param_roles()`); optimizer policies are
+keyed by role.
+
+Shape legend: B batch, T positions, C d_model, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import topocl.attention  # noqa: F401  (registers the attention kinds)
+from topocl.attention.ops import rope_cache
+from topocl.config import ModelConfig
+from topocl.registry import ATTENTION, FFN
+
+ROLES_FIXED = ("embed", "head", "norm")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+@FFN.register("mlp")
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
+        super().__init__()
+        self.gate = nn.Linear(cfg.d_model, cfg.ff, bias=False)
+        self.up = nn.Linear(cfg.d_model, cfg.ff, bias=False)
+        self.down = nn.Linear(cfg.ff, cfg.d_model, bias=False)
+
+    def param_role(self, name: str) -> str:
+        return "mlp"
+
+    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.down(F.silu(self.gate(x)) * self.up(x)), {}
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = ATTENTION.get(cfg.attention)(cfg, layer)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = FFN.get(cfg.ffn)(cfg, layer)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        a, aux_a = self.attn(self.attn_norm(x), cos, sin)
+        x = x + a
+        f, aux_f = self.ffn(self.ffn_norm(x))
+        return x + f, {**aux_a, **aux_f}
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # [B, T, V] float32
+    loss: Tensor | None = None  # lm_loss + every aux "loss.*" term
+    lm_loss: Tensor | None = None  # mean next-token cross entropy (nats/token)
+    aux: dict[str, Tensor] = field(default_factory=dict)  # "loss.*" summed, "stat.*" averaged over layers
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (it is taken from the tokenizer in pretraining)")
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        cos, sin = rope_cache(cfg.max_seq_len, cfg.hd, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [T_max, D/2]
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """N(0, init_std) for matrices, residual-output projections scaled by 1/sqrt(2 * n_layer)."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue  # norms (ones), biases / gate biases keep their module's own init
+            scale = (2 * self.cfg.n_layer) ** -0.5 if name.endswith(("o_proj.weight", "down.weight")) else 1.0
+            nn.init.normal_(p, mean=0.0, std=std * scale)
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_extra_parameters"):
+                m.reset_extra_parameters()  # module-specific init (e.g. NSA gate biases)
+
+    # ------------------------------------------------------------------ roles
+
+    def param_roles(self) -> dict[str, str]:
+        """Full parameter name -> role. Asserts every parameter has exactly one non-empty role."""
+        roles: dict[str, str] = {}
+        for name, _ in self.named_parameters():
+            parts = name.split(".")
+            if parts[0] == "tok_emb":
+                role = "embed"
+            elif parts[0] == "lm_head":
+                role = "head"
+            elif parts[0] == "norm" or (parts[0] == "blocks" and parts[2] in ("attn_norm", "ffn_norm")):
+                role = "norm"
+            elif parts[0] == "blocks" and parts[2] in ("attn", "ffn"):
+                module = getattr(self.blocks[int(parts[1])], parts[2])
+                role = module.param_role(".".join(parts[3:]))
+            else:
+                raise AssertionError(f"parameter {name} has no role")
+            assert role, f"parameter {name} has an empty role"
+            roles[name] = role
+        n_params = sum(1 for _ in self.parameters())
+        assert len(roles) == n_params, f"{n_params - len(roles)} parameters have no role"
+        return roles
+
+    def params_by_role(self) -> dict[str, int]:
+        """Role -> number of scalar parameters."""
+        counts: dict[str, int] = {}
+        params = dict(self.named_parameters())
+        for name, role in self.param_roles().items():
+            counts[role] = counts.get(role, 0) + params[name].numel()
+        return dict(sorted(counts.items()))
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.tok_emb.weight.numel() if non_embedding else n
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> ModelOutput:
+        """idx [B, T] token ids; targets [B, T] (-1 = ignored) -> ModelOutput."""
+        b, t = idx.shape
+        if t > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {t} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[:t], self.rope_sin[:t]  # [T, D/2]
+        x = self.tok_emb(idx)  # [B, T, C]
+        aux_sum: dict[str, Tensor] = {}
+        for block in self.blocks:
+            x, aux = block(x, cos, sin)
+            for k, v in aux.items():
+                aux_sum[k] = aux_sum[k] + v if k in aux_sum else v
+        x = self.norm(x)
+        logits = self.lm_head(x).float()  # [B, T, V]
+        aux_out = {k: (v if k.startswith("loss.") else v.detach() / len(self.blocks)) for k, v in aux_sum.items()}
+        out = ModelOutput(logits=logits, aux=aux_out)
+        if targets is not None:
+            lm = F.cross_entropy(logits.view(b * t, -1), targets.reshape(b * t), ignore_index=-1)
+            out.lm_loss = lm
+            out.loss = lm + sum((v for k, v in aux_out.items() if k.startswith("loss.")), torch.zeros_like(lm))
+        return out
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 stop_id: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """Greedy (temperature 0) or sampled continuation of idx [B, T]; returns [B, T + new]."""
+        for _ in range(max_new_tokens):
+            ctx = idx[:, -self.cfg.max_seq_len:]
+            logits = self(ctx).logits[:, -1]  # [B, V]
+            if temperature <= 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+            if stop_id is not None and bool((nxt == stop_id).all()):
+                break
+        return idx
