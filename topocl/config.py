@@ -121,6 +121,15 @@ class DataConfig:
 
 
 @dataclass
+class RolePolicy:
+    """Optimizer policy for one parameter role (ACFT is a set of these)."""
+
+    lr_scale: float = 1.0  # multiplies the scheduled LR; 0 = frozen (requires_grad False, no optimizer state)
+    weight_decay: float = -1.0  # -1 = train.weight_decay (0 for the `norm` role)
+    anchor: float = 0.0  # EMA anchoring toward the values at task start, per step: p += anchor * (p0 - p)
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 32  # global batch in sequences (split across ranks, then micro-batches)
@@ -138,6 +147,7 @@ class TrainConfig:
     ckpt_every: int = 200
     keep_checkpoints: int = 2
     compile: bool = False
+    roles: dict[str, RolePolicy] = field(default_factory=dict)  # role -> policy; roles not named use defaults
 
 
 @dataclass
@@ -190,7 +200,20 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
             value = yaml.safe_load(value)
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r} ({source})")
-        return dict(value)
+        _, val_tp = typing.get_args(tp) or (str, Any)
+        if dataclasses.is_dataclass(val_tp):
+            out = {}
+            for k, v in value.items():
+                if dataclasses.is_dataclass(v):
+                    out[str(k)] = v
+                    continue
+                if not isinstance(v, dict):
+                    raise ConfigError(f"{key}.{k}: expected a mapping of {_type_name(val_tp)} fields ({source})")
+                out[str(k)] = child = val_tp()
+                for kk, vv in v.items():
+                    _set(child, [str(kk)], vv, source, f"{key}.{k}.")
+            return out
+        return {str(k): _convert(v, val_tp, f"{key}.{k}", source) for k, v in value.items()}
     if tp is Any:
         return value
     if tp is bool:
@@ -257,6 +280,19 @@ def _set(obj: Any, path: list[str], value: Any, source: str, prefix: str = "") -
             raise ConfigError(f"{full}: expected a mapping of {_type_name(tp)} fields, got {value!r} ({source})")
         for k, v in value.items():
             _set(child, [str(k)], v, source, f"{full}.")
+        return
+    if rest and typing.get_origin(tp) is dict:
+        # mapping keys may contain dots (role names like attn.cmp): roles.attn.cmp.lr_scale=0
+        _, val_tp = typing.get_args(tp)
+        mapping = getattr(obj, name)
+        if dataclasses.is_dataclass(val_tp):
+            if len(rest) < 2:
+                raise ConfigError(f"{full}.{rest[0]}: give a field, e.g. {full}.{rest[0]}.<field>=... ({source})")
+            dkey = ".".join(rest[:-1])
+            child = mapping.setdefault(dkey, val_tp())
+            _set(child, rest[-1:], value, source, f"{full}.{dkey}.")
+        else:
+            mapping[".".join(rest)] = _convert(value, val_tp, f"{full}.{'.'.join(rest)}", source)
         return
     if rest:
         raise ConfigError(f"{full} is a {_type_name(tp)}, it has no key '{'.'.join(rest)}' ({source})")

@@ -1,0 +1,150 @@
+"""Checkpoints: safetensors weights + safetensors optimizer/RNG tensors + JSON state, written atomically.
+
+    checkpoints/
+      step_00000200/  model.safetensors  optim.safetensors  state.json
+      LATEST          ("step_00000200")
+
+A checkpoint is written into a hidden temp directory, fsynced, then renamed into place; LATEST is
+replaced with os.replace. A crash at any moment leaves the previous checkpoint loadable: a directory
+without state.json (written last) is never considered complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+LATEST = "LATEST"
+
+
+class CheckpointError(FileNotFoundError):
+    """A missing or unreadable checkpoint."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Optimizer state keyed by parameter name (robust to regrouping), and the groups' JSON part."""
+    tensors: dict[str, torch.Tensor] = {}
+    groups = []
+    for g in opt.param_groups:
+        for name, p in zip(g["names"], g["params"]):
+            for k, v in opt.state.get(p, {}).items():
+                tensors[f"{name}::{k}"] = v.detach().cpu().contiguous()
+        groups.append({k: v for k, v in g.items() if k != "params"})
+    return tensors, groups
+
+
+def save_checkpoint(ckpt_dir: str | Path, step: int, model: nn.Module, opt: torch.optim.Optimizer | None,
+                    state: dict, keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically; keep the newest `keep` complete checkpoints."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:08d}"
+    final, tmp = ckpt_dir / name, ckpt_dir / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    weights = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+    save_file(weights, tmp / "model.safetensors")
+    extra: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        extra["rng.cuda"] = torch.cuda.get_rng_state()
+    groups: list[dict] = []
+    if opt is not None:
+        tensors, groups = _optim_tensors(opt)
+        extra.update({f"optim::{k}": v for k, v in tensors.items()})
+    save_file(extra, tmp / "optim.safetensors")
+    write_json_atomic(tmp / "state.json", {**state, "step": step, "param_groups": groups})  # last = complete
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(ckpt_dir)
+    tmp_latest = ckpt_dir / f".{LATEST}.tmp"
+    tmp_latest.write_text(name)
+    os.replace(tmp_latest, ckpt_dir / LATEST)
+    for old in complete_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(ckpt_dir: str | Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.glob("step_*") if (p / "state.json").is_file())
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    ckpt_dir = Path(ckpt_dir)
+    pointer = ckpt_dir / LATEST
+    if pointer.is_file():
+        cand = ckpt_dir / pointer.read_text().strip()
+        if (cand / "state.json").is_file():
+            return cand
+    done = complete_checkpoints(ckpt_dir)
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer | None = None,
+                    restore_rng: bool = True) -> dict:
+    """Load weights (strict) and, if given, optimizer state; returns the JSON state."""
+    path = Path(path)
+    if not (path / "state.json").is_file():
+        raise CheckpointError(f"no complete checkpoint at {path} (state.json missing)")
+    state = json.loads((path / "state.json").read_text())
+    weights = load_file(path / "model.safetensors")
+    target = unwrap(model)
+    missing, unexpected = target.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: checkpoint does not fit the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    extra = load_file(path / "optim.safetensors")
+    if opt is not None:
+        by_name = {n: p for g in opt.param_groups for n, p in zip(g["names"], g["params"])}
+        opt.state.clear()
+        for key, v in extra.items():
+            if not key.startswith("optim::"):
+                continue
+            name, k = key[len("optim::"):].rsplit("::", 1)
+            if name in by_name:  # a role frozen now has no state to restore
+                p = by_name[name]
+                opt.state.setdefault(p, {})[k] = v.to(p.device) if k != "step" else v
+    if restore_rng:
+        torch.set_rng_state(extra["rng.torch"])
+        if "rng.cuda" in extra and torch.cuda.is_available():
+            torch.cuda.set_rng_state(extra["rng.cuda"])
+    return state
