@@ -10,6 +10,7 @@ Shape legend: B batch, T positions, C d_model, V vocab.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,13 @@ from topocl.config import ModelConfig
 from topocl.registry import ATTENTION, FFN
 
 ROLES_FIXED = ("embed", "head", "norm")
+
+# The proposals' asymmetry: which roles form the slow ("compressed"/shared) pathway and which the fast
+# ("selected"/sparse) one, per attention / FFN kind (DESIGN.md table). Dense kinds have neither.
+SLOW_ROLES = {"nsa": ("attn.cmp",), "dsa": ("attn.shared_heads",), "split": ("attn.dense_heads",),
+              "moe": ("ffn.shared_expert",)}
+FAST_ROLES = {"nsa": ("attn.slc",), "dsa": ("attn.routed_heads", "attn.indexer"), "split": ("attn.sparse_heads",),
+              "moe": ("ffn.routed_expert", "ffn.router")}
 
 
 class RMSNorm(nn.Module):
@@ -132,6 +140,26 @@ class GPT(nn.Module):
         for name, role in self.param_roles().items():
             counts[role] = counts.get(role, 0) + params[name].numel()
         return dict(sorted(counts.items()))
+
+    def pathway_roles(self) -> tuple[set[str], set[str]]:
+        """(slow roles, fast roles) of this model's attention and FFN kinds."""
+        kinds = (self.cfg.attention, self.cfg.ffn)
+        return ({r for k in kinds for r in SLOW_ROLES.get(k, ())}, {r for k in kinds for r in FAST_ROLES.get(k, ())})
+
+    @contextmanager
+    def fast_pathway(self, enabled: bool):
+        """Switch the fast pathway off (enabled=False) inside the block, in every module that has one
+        (modules implement `set_fast_pathway(enabled)`); raises if no module has a fast pathway."""
+        mods = [m for m in self.modules() if hasattr(m, "set_fast_pathway")]
+        if not mods:
+            raise ValueError(f"model with attention={self.cfg.attention}, ffn={self.cfg.ffn} has no fast pathway")
+        for m in mods:
+            m.set_fast_pathway(enabled)
+        try:
+            yield self
+        finally:
+            for m in mods:
+                m.set_fast_pathway(True)
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
