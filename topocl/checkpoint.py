@@ -66,8 +66,9 @@ def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor],
 
 
 def save_checkpoint(ckpt_dir: str | Path, step: int, model: nn.Module, opt: torch.optim.Optimizer | None,
-                    state: dict, keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically; keep the newest `keep` complete checkpoints."""
+                    state: dict, keep: int = 2, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write checkpoint `step` atomically; keep the newest `keep` complete checkpoints. `tensors` are
+    extra named tensors (e.g. a strategy's memory) returned by `load_tensors`."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
@@ -77,6 +78,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model: nn.Module, opt: torc
     weights = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
     save_file(weights, tmp / "model.safetensors")
     extra: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+    extra.update({f"extra::{k}": v.detach().cpu().contiguous() for k, v in (tensors or {}).items()})
     if torch.cuda.is_available():
         extra["rng.cuda"] = torch.cuda.get_rng_state()
     groups: list[dict] = []
@@ -148,3 +150,9 @@ def load_checkpoint(path: str | Path, model: nn.Module, opt: torch.optim.Optimiz
         if "rng.cuda" in extra and torch.cuda.is_available():
             torch.cuda.set_rng_state(extra["rng.cuda"])
     return state
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The extra tensors saved with `save_checkpoint(..., tensors=...)`."""
+    extra = load_file(Path(path) / "optim.safetensors")
+    return {k[len("extra::"):]: v for k, v in extra.items() if k.startswith("extra::")}
