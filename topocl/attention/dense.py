@@ -10,7 +10,6 @@ Shape legend: B batch, T positions, C d_model, H query heads, Hk KV heads, D hea
 
 from __future__ import annotations
 
-
 from torch import Tensor, nn
 
 from topocl.attention.ops import apply_rope, sdpa_causal
