@@ -55,13 +55,15 @@ def score_probes(model: nn.Module, tokenizer, probes: list[Probe], *, batch_size
     prefix = [tok.bos_id] if tok.bos_id is not None else []
     seqs: list[tuple[list[int], int]] = []  # (ids, number of candidate tokens at the end)
     owner: list[tuple[int, int]] = []  # (probe index, candidate index)
+    cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
+    max_len = getattr(cfg, "max_seq_len", None) or getattr(cfg, "max_position_embeddings", None) or 10**9
     for i, p in enumerate(probes):
         prompt = prefix + tok.encode(p.prompt)
         for j, c in enumerate(p.candidates):
             cand = tok.encode(c)
             if not cand:
                 raise ValueError(f"probe {p.id or p.prompt!r}: candidate {c!r} encodes to no tokens")
-            seqs.append((prompt + cand, len(cand)))
+            seqs.append(((prompt + cand)[-max_len:], len(cand)))  # keep the end if longer than the context
             owner.append((i, j))
     was_training = model.training
     model.eval()

@@ -254,15 +254,17 @@ def cli(argv: list[str]) -> int:
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=100 out_dir=runs/x")
     args = ap.parse_args(argv)
     cfg = load_config(PretrainConfig, args.config, args.overrides)
+    main_rank = True
     try:
         out = pretrain(cfg)
+        main_rank = is_main()
     except NonFiniteLoss as e:
         print(f"topocl pretrain: stopped: {e}", file=sys.stderr)
         return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if is_main():
+    if main_rank:
         summary = json.loads((out / "summary.json").read_text())
         bp = summary.get("base_probes", {}).get("base", {})
         extra = f", base-probe acc {bp['acc']:.1%}" if "acc" in bp else ""
