@@ -13,6 +13,7 @@ from topocl.config import ConfigError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("topocl.pretrain", "pretrain a model from scratch: topocl pretrain CONFIG [k=v ...]"),
+    "demo": ("topocl.demo", "the embedded default end to end on CPU (what make demo runs)"),
     "params": ("topocl.params", "parameters per role (and the matched dense control): topocl params CONFIG"),
 }
 
