@@ -122,6 +122,8 @@ class GPT(nn.Module):
                 role = "head"
             elif parts[0] == "norm" or (parts[0] == "blocks" and parts[2] in ("attn_norm", "ffn_norm")):
                 role = "norm"
+            elif "lora_A" in parts or "lora_B" in parts:
+                role = "lora"  # adapter weights injected by topocl.lora (the wrapped base weight keeps its role)
             elif parts[0] == "blocks" and parts[2] in ("attn", "ffn"):
                 module = getattr(self.blocks[int(parts[1])], parts[2])
                 role = module.param_role(".".join(parts[3:]))

@@ -1,0 +1,65 @@
+"""LoRA as an adapter axis, targeted by role, through PEFT.
+
+    model = apply_lora(gpt, LoRAConfig(r=8, roles=["attn.q", "attn.v"]))   # in place
+    policy = lora_policy(model)   # train.roles: every base role frozen (lr_scale 0), role "lora" trains
+    gpt = merge_lora(model)       # fold the adapters back: a plain GPT again
+
+PEFT injects `lora_A`/`lora_B` next to each targeted nn.Linear (kept as `base_layer`); GPT.param_roles()
+gives the injected weights the role "lora" and the wrapped base weights keep their own role, so the
+role-grouped optimizer and every role policy work unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft import LoraConfig as PeftLoraConfig
+from peft import inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from topocl.config import RolePolicy
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    roles: list[str] = field(default_factory=lambda: ["attn.q", "attn.k", "attn.v", "attn.o", "mlp"])
+
+
+def target_modules(model: nn.Module, roles: list[str]) -> list[str]:
+    """Names of the nn.Linear modules whose weight has one of `roles`."""
+    param_roles = model.param_roles()
+    linear = {n: param_roles[f"{n}.weight"] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    names = [n for n, role in linear.items() if role in roles]
+    if not names:
+        raise ValueError(f"lora.roles={roles} match no linear layer; "
+                         f"roles with linear layers: {sorted(set(linear.values()))}")
+    return names
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
+    """Inject LoRA adapters (B = 0, so outputs are unchanged) on the linear layers of `cfg.roles`."""
+    targets = target_modules(model, cfg.roles)
+    pcfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets)
+    model = inject_adapter_in_model(pcfg, model)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return model
+
+
+def lora_policy(model: nn.Module) -> dict[str, RolePolicy]:
+    """Role policies that train only the adapters."""
+    return {r: RolePolicy(lr_scale=1.0 if r == "lora" else 0.0) for r in set(model.param_roles().values())}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Merge every adapter into its base weight and put the plain nn.Linear back (in place)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], module.get_base_layer())
+    return model

@@ -1,0 +1,134 @@
+"""Online EWC (Schwarz et al. 2018) with a named Fisher estimator, normalised per role.
+
+    penalty = (λ / 2) Σ_i F̃_i (θ_i − θ*_i)²,    F̃ ← γ F̃ + F_task,    θ* = parameters at the end of the last task
+
+Fisher estimators (diagonal), over `fisher_samples` sequences of the task just learned:
+    empirical  per-sequence gradients of the gold next-token NLL, squared, averaged (default)
+    sampled    the same with targets sampled from the model at every position (true Fisher, MC one sample)
+    batched    the square of the minibatch-mean gradient (Avalanche / TiC-LM style; shrinks F by ~batch size)
+Each task's F is divided by its mean over each role before accumulation, so λ means the same across
+roles and models (research note §4.1); the penalty/loss ratio is logged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from topocl.registry import STRATEGIES
+from topocl.strategies.base import Strategy, StrategyContext
+
+ESTIMATORS = ("empirical", "sampled", "batched")
+
+
+@dataclass
+class EWCConfig:
+    lam: float = 100.0  # λ
+    gamma: float = 1.0  # online decay of the accumulated Fisher
+    fisher: str = "empirical"  # empirical | sampled | batched
+    fisher_samples: int = 32  # sequences of the task used to estimate F
+    fisher_batch: int = 8  # minibatch size of the `batched` estimator
+    roles: list[str] = field(default_factory=list)  # roles penalised; [] = every trainable role
+    normalise: bool = True  # divide each task's F by its per-role mean
+
+
+def _roles_of(model: nn.Module) -> dict[str, str]:
+    return model.param_roles()
+
+
+def _nll(model: nn.Module, rows: Tensor, estimator: str, gen: torch.Generator) -> Tensor:
+    x, y = rows[:, :-1], rows[:, 1:]
+    logits = model(x).logits
+    if estimator == "sampled":
+        with torch.no_grad():
+            probs = torch.softmax(logits.float(), -1).flatten(0, 1)
+            y = torch.multinomial(probs.cpu(), 1, generator=gen).view_as(y).to(x.device)
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
+def estimate_fisher(model: nn.Module, rows: Tensor, params: dict[str, nn.Parameter], estimator: str,
+                    batch: int, seed: int) -> dict[str, Tensor]:
+    """Diagonal Fisher of `params` on `rows` [N, T+1] with the named estimator."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"ewc.fisher={estimator!r}: use one of {', '.join(ESTIMATORS)}")
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    gen = torch.Generator().manual_seed(seed)
+    groups = rows.split(batch) if estimator == "batched" else rows.split(1)
+    was_training = model.training
+    model.eval()
+    for g in groups:
+        model.zero_grad(set_to_none=True)
+        _nll(model, g, estimator, gen).backward()
+        for n, p in params.items():
+            if p.grad is not None:
+                fisher[n] += p.grad.detach() ** 2 / len(groups)
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return fisher
+
+
+def normalise_per_role(fisher: dict[str, Tensor], roles: dict[str, str]) -> dict[str, Tensor]:
+    """Divide F by its mean over each role's parameters (roles whose F is all zero are left at zero)."""
+    out = {}
+    for role in sorted({roles[n] for n in fisher}):
+        names = [n for n in fisher if roles[n] == role]
+        mean = torch.cat([fisher[n].flatten() for n in names]).mean()
+        for n in names:
+            out[n] = fisher[n] / mean if mean > 0 else fisher[n]
+    return out
+
+
+@STRATEGIES.register("ewc")
+class EWC(Strategy):
+    name = "ewc"
+
+    def __init__(self, cfg: EWCConfig, ctx: StrategyContext) -> None:
+        super().__init__(cfg, ctx)
+        self.fisher: dict[str, Tensor] = {}
+        self.anchor: dict[str, Tensor] = {}
+        self._stats: dict[str, float] = {}
+
+    def _params(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        roles = _roles_of(model)
+        return {n: p for n, p in model.named_parameters()
+                if p.requires_grad and (not self.cfg.roles or roles[n] in self.cfg.roles)}
+
+    def penalty(self, model: nn.Module) -> Tensor | None:
+        if not self.fisher:
+            return None
+        params = dict(model.named_parameters())
+        terms = [(self.fisher[n] * (params[n] - self.anchor[n]) ** 2).sum() for n in self.fisher]
+        return 0.5 * self.cfg.lam * torch.stack(terms).sum()
+
+    def loss(self, model: nn.Module, out: object, batch: Tensor) -> Tensor | None:
+        pen = self.penalty(model)
+        if pen is not None:
+            task = float(out.lm_loss.detach())
+            self._stats = {"ewc_penalty": float(pen.detach()), "ewc_ratio": float(pen.detach()) / max(task, 1e-12)}
+        return pen
+
+    def after_task(self, model: nn.Module, task_rows: Tensor, task_index: int) -> None:
+        params = self._params(model)
+        g = torch.Generator().manual_seed(self.ctx.seed * 7919 + task_index)
+        pick = torch.randperm(len(task_rows), generator=g)[: self.cfg.fisher_samples]
+        rows = task_rows[pick].to(self.ctx.device)
+        f = estimate_fisher(model, rows, params, self.cfg.fisher, self.cfg.fisher_batch, self.ctx.seed + task_index)
+        if self.cfg.normalise:
+            f = normalise_per_role(f, _roles_of(model))
+        self.fisher = {n: self.cfg.gamma * self.fisher[n] + f[n] if n in self.fisher else f[n] for n in f}
+        self.anchor = {n: p.detach().clone() for n, p in params.items()}
+
+    def stats(self) -> dict[str, float]:
+        return dict(self._stats)
+
+    def state_dict(self) -> dict:
+        return {**{f"fisher.{n}": v for n, v in self.fisher.items()},
+                **{f"anchor.{n}": v for n, v in self.anchor.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        dev = self.ctx.device
+        self.fisher = {k[len("fisher."):]: v.to(dev) for k, v in state.items() if k.startswith("fisher.")}
+        self.anchor = {k[len("anchor."):]: v.to(dev) for k, v in state.items() if k.startswith("anchor.")}

@@ -1,0 +1,96 @@
+"""Experience replay: a reservoir buffer (Vitter's Algorithm R) over past tasks' sequences.
+
+After each task its rows enter the reservoir in a seeded random order: the n-th row seen (0-based)
+takes slot n while n < M, else replaces slot r ~ U{0..n} when r < M, so every row seen so far is in
+the buffer with probability M / (n + 1). During a task, `mix` replaces round(ratio * B) rows of each
+batch with buffer rows and round(base_ratio * B) with pretraining-corpus rows (REMIX-style).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from topocl.registry import STRATEGIES
+from topocl.strategies.base import Strategy, StrategyContext
+
+
+@dataclass
+class ReplayConfig:
+    buffer_size: int = 256  # M, rows
+    ratio: float = 0.25  # fraction of each batch drawn from the buffer
+    base_ratio: float = 0.0  # fraction of each batch drawn from the pretraining corpus
+
+
+class Reservoir:
+    def __init__(self, capacity: int, seed: int) -> None:
+        self.capacity, self.seen = capacity, 0
+        self.items: Tensor | None = None
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def add(self, row: Tensor) -> None:
+        if self.items is None:
+            self.items = torch.zeros(self.capacity, *row.shape, dtype=row.dtype)
+        if self.seen < self.capacity:
+            self.items[self.seen] = row
+        else:
+            r = int(torch.randint(0, self.seen + 1, (1,), generator=self.gen))
+            if r < self.capacity:
+                self.items[r] = row
+        self.seen += 1
+
+    def __len__(self) -> int:
+        return min(self.seen, self.capacity)
+
+
+@STRATEGIES.register("replay")
+class Replay(Strategy):
+    name = "replay"
+
+    def __init__(self, cfg: ReplayConfig, ctx: StrategyContext) -> None:
+        super().__init__(cfg, ctx)
+        if not 0 <= cfg.ratio + cfg.base_ratio <= 1:
+            raise ValueError(f"replay.ratio + replay.base_ratio must be in [0, 1], got {cfg.ratio + cfg.base_ratio}")
+        if cfg.base_ratio > 0 and ctx.base_rows is None:
+            raise ValueError("replay.base_ratio > 0 needs base-corpus rows (the run's eval_base=true)")
+        self.buffer = Reservoir(cfg.buffer_size, ctx.seed)
+        self.task = 0
+
+    def before_task(self, model, task_rows: Tensor, task_index: int) -> None:
+        self.task = task_index
+
+    def mix(self, batch: Tensor, step: int) -> Tensor:
+        b = len(batch)
+        k = round(self.cfg.ratio * b) if len(self.buffer) else 0
+        kb = round(self.cfg.base_ratio * b)
+        if k + kb == 0:
+            return batch
+        g = torch.Generator().manual_seed(self.ctx.seed * 1_000_003 + self.task * 10_007 + step)
+        parts = [batch[: b - k - kb]]
+        if k:
+            parts.append(self.buffer.items[torch.randint(0, len(self.buffer), (k,), generator=g)])
+        if kb:
+            base = self.ctx.base_rows
+            parts.append(base[torch.randint(0, len(base), (kb,), generator=g)])
+        return torch.cat(parts)
+
+    def after_task(self, model, task_rows: Tensor, task_index: int) -> None:
+        order = torch.randperm(len(task_rows), generator=self.buffer.gen)
+        for i in order.tolist():
+            self.buffer.add(task_rows[i].cpu())
+
+    def stats(self) -> dict[str, float]:
+        return {"replay_buffer": float(len(self.buffer))}
+
+    def state_dict(self) -> dict:
+        out = {"seen": self.buffer.seen, "gen": self.buffer.gen.get_state()}
+        if self.buffer.items is not None:
+            out["items"] = self.buffer.items
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer.seen = int(state["seen"])
+        self.buffer.gen.set_state(state["gen"])
+        self.buffer.items = state.get("items")
