@@ -14,6 +14,7 @@ from topocl.config import ConfigError
 COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("topocl.pretrain", "pretrain a model from scratch: topocl pretrain CONFIG [k=v ...]"),
     "demo": ("topocl.demo", "the embedded default end to end on CPU (what make demo runs)"),
+    "metrics": ("topocl.results", "named CL metrics of results.jsonl files as JSON: topocl metrics RESULTS [...]"),
     "params": ("topocl.params", "parameters per role (and the matched dense control): topocl params CONFIG"),
 }
 
