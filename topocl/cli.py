@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("topocl.pretrain", "pretrain a model from scratch: topocl pretrain CONFIG [k=v ...]"),
     "demo": ("topocl.demo", "the embedded default end to end on CPU (what make demo runs)"),
     "metrics": ("topocl.results", "named CL metrics of results.jsonl files as JSON: topocl metrics RESULTS [...]"),
+    "report": ("topocl.report", "comparison report (report.md + PNGs) of run directories: topocl report RUN [...]"),
     "params": ("topocl.params", "parameters per role (and the matched dense control): topocl params CONFIG"),
 }
 
