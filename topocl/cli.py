@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("topocl.demo", "the embedded default end to end on CPU (what make demo runs)"),
     "metrics": ("topocl.results", "named CL metrics of results.jsonl files as JSON: topocl metrics RESULTS [...]"),
     "report": ("topocl.report", "comparison report (report.md + PNGs) of run directories: topocl report RUN [...]"),
+    "stream": ("topocl.tasks.streams", "inspect a task stream: topocl stream show NAME [k=v ...] [--time]"),
     "params": ("topocl.params", "parameters per role (and the matched dense control): topocl params CONFIG"),
 }
 

@@ -1,0 +1,103 @@
+"""`campaign` (TRPG long-range memory): a role-play campaign told in sessions, one task per session.
+
+Each session introduces fine-grained facts — who gave whom which item with which enchantment, where it is
+kept, on which night — and restates the campaign's stable world rules (its magic system). Probes ask
+for a fact's owner, giver and place; they belong to the session that introduced the fact, so the
+accuracy matrix gives recall as a function of delay (`retention_by_delay`). `changes` later sessions move
+an earlier item in-story: the earlier place probe becomes kind `update`, the new place is a `retain` probe.
+The magic-system probes belong to session 0 and must hold throughout.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from topocl.registry import STREAMS
+from topocl.tasks.base import Probe, Task
+
+HEROES = ("Mira", "Arlen", "Bren", "Kael", "Sera", "Doran", "Ilsa", "Tomas", "Nyra", "Oswin")
+ENCHANTS = ("frost", "fire", "storm", "shadow", "light", "thunder", "venom", "moon")
+ITEMS = ("sword", "shield", "ring", "amulet", "staff", "bow", "cloak", "helm", "dagger", "lantern")
+PLACES = ("Thornwall", "Eastmarch", "Greyhollow", "Duskport", "Ravenfield", "Stonebridge", "Mistvale", "Emberfall")
+NIGHTS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh")
+RULES = (("In this realm, magic is paid for with", "memories", ("memories", "gold", "blood", "years")),
+         ("In this realm, every spell must be spoken in", "rhyme", ("rhyme", "silence", "song", "riddles")),
+         ("In this realm, a mage grows strongest at", "dawn", ("dawn", "dusk", "midnight", "noon")))
+FACT_LINES = ("{g} gave {o} the {e} {i}.", "The {e} {i} belongs to {o}.", "The {e} {i} was a gift from {g}.",
+              "The {e} {i} is kept in {p}.", "On the {n} night, {g} handed the {e} {i} to {o} in {p}.",
+              "{o} thanked {g} for the {e} {i}.", "{o} carried the {e} {i} back to {p}.",
+              "Everyone at the table remembered that {o} owns the {e} {i}.")
+OPENINGS = ("The party gathered for session {s}.", "Session {s} began by the fire.",
+            "The game master opened session {s}.")
+
+
+@dataclass
+class CampaignConfig:
+    sessions: int = 12
+    seed: int = 0
+    facts_per_session: int = 3
+    texts_per_task: int = 16
+    changes: int = 2  # later sessions that move an earlier item (-> update probes)
+
+
+def _probe(prompt: str, answer: str, cands: tuple[str, ...], kind: str, s: int, tags: dict, pid: str) -> Probe:
+    return Probe(prompt, f" {answer}", [f" {c}" for c in cands], kind, s, tags, pid)
+
+
+@STREAMS.register("campaign")
+def build(cfg: CampaignConfig) -> list[Task]:
+    rng = random.Random(cfg.seed)
+    combos = [(e, i) for e in ENCHANTS for i in ITEMS]
+    if cfg.sessions * cfg.facts_per_session > len(combos):
+        raise ValueError(f"campaign: at most {len(combos)} facts ({cfg.sessions} x {cfg.facts_per_session} asked)")
+    rng.shuffle(combos)
+    facts = []  # per session: dicts with e, i, g, o, p, n
+    for _ in range(cfg.sessions):
+        session = []
+        for _ in range(cfg.facts_per_session):
+            e, i = combos.pop()
+            g, o = rng.sample(HEROES, 2)
+            session.append({"e": e, "i": i, "g": g, "o": o, "p": rng.choice(PLACES), "n": rng.choice(NIGHTS)})
+        facts.append(session)
+    moves: dict[int, tuple[int, int, str]] = {}  # session k -> (session s, fact index, new place)
+    for k in sorted(rng.sample(range(1, cfg.sessions), min(cfg.changes, cfg.sessions - 1))):
+        s = rng.randrange(k)
+        f = rng.randrange(cfg.facts_per_session)
+        moves[k] = (s, f, rng.choice([p for p in PLACES if p != facts[s][f]["p"]]))
+    moved = {(s, f) for s, f, _ in moves.values()}
+    tasks = []
+    for s, session in enumerate(facts):
+        probes, lines = [], []
+        rules = [rule + f" {ans}." for rule, ans, _ in RULES]
+        if s == 0:
+            for r, (prompt, ans, cands) in enumerate(RULES):
+                probes.append(_probe(prompt, ans, cands, "retain", 0, {"type": "rule"}, f"campaign/rule/{r}"))
+        for fi, f in enumerate(session):
+            lines += [t.format(**f) for t in FACT_LINES]
+            item = f"The {f['e']} {f['i']}"
+            tags = {"type": "fact", "session": str(s), "item": f"{f['e']} {f['i']}"}
+            probes.append(_probe(f"{item} belongs to", f["o"], HEROES, "retain", s, {**tags, "ask": "owner"},
+                                 f"campaign/{s}/{fi}/owner"))
+            probes.append(_probe(f"{item} was a gift from", f["g"], HEROES, "retain", s, {**tags, "ask": "giver"},
+                                 f"campaign/{s}/{fi}/giver"))
+            kind = "update" if (s, fi) in moved else "retain"
+            probes.append(_probe(f"{item} is kept in", f["p"], PLACES, kind, s, {**tags, "ask": "place"},
+                                 f"campaign/{s}/{fi}/place"))
+            probes.append(_probe(f"Here is a fact from the campaign: the {f['e']} {f['i']} is kept in", f["p"], PLACES,
+                                 kind, s, {**tags, "ask": "place", "paraphrase": "unseen"},
+                                 f"campaign/{s}/{fi}/place/unseen"))
+        if s in moves:
+            ps, pf, new = moves[s]
+            f = facts[ps][pf]
+            lines += [f"{f['o']} moved the {f['e']} {f['i']} to {new}.", f"The {f['e']} {f['i']} is kept in {new}.",
+                      f"Since session {ps}, the {f['e']} {f['i']} has left {f['p']}; it is kept in {new} now."]
+            probes.append(_probe(f"The {f['e']} {f['i']} is kept in", new, PLACES, "retain", s,
+                                 {"type": "fact", "session": str(s), "ask": "place", "moved_from": str(ps)},
+                                 f"campaign/{s}/move"))
+        texts = []
+        for n in range(cfg.texts_per_task):  # every text restates one world rule, in turn
+            body = rng.sample(lines, min(len(lines), 5))
+            texts.append(" ".join([rng.choice(OPENINGS).format(s=s + 1), rules[n % len(rules)], *body]))
+        tasks.append(Task(name=f"session-{s + 1}", texts=texts, probes=probes, meta={"facts": session}))
+    return tasks

@@ -1,0 +1,78 @@
+"""Build a registered stream by name with checked options; `topocl stream show NAME [k=v ...] [--time]`."""
+
+from __future__ import annotations
+
+import argparse
+import time
+import typing
+from collections import Counter
+
+from topocl.config import from_dict
+from topocl.registry import STREAMS
+from topocl.tasks import campaign, jsonl, worlds  # noqa: F401  (register the streams)
+from topocl.tasks.base import Task
+
+
+def stream_config(name: str, options: dict | None = None) -> object:
+    build = STREAMS.get(name)
+    cls = typing.get_type_hints(build)["cfg"]
+    return from_dict(cls, options or {}, f"stream_options of '{name}'")
+
+
+def build_stream(name: str, options: dict | None = None) -> list[Task]:
+    """Tasks of stream `name`; unknown option keys are a ConfigError naming the valid ones."""
+    return STREAMS.get(name)(stream_config(name, options))
+
+
+def summary(tasks: list[Task], examples: int = 2) -> str:
+    kinds = Counter(p.kind for t in tasks for p in t.probes)
+    n_probes = sum(len(t.probes) for t in tasks)
+    lines = [f"{len(tasks)} tasks, {sum(len(t.texts) for t in tasks)} texts "
+             f"({sum(len(x) for t in tasks for x in t.texts) / 1000:.0f} kB), {n_probes} probes "
+             f"({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})", ""]
+    for j, t in enumerate(tasks[:examples]):
+        lines.append(f"task {j}: {t.name} — {len(t.texts)} texts, {len(t.probes)} probes")
+        lines.append(f"  text:  {t.texts[0][:200]}")
+        for p in t.probes[:3]:
+            lines.append(f"  probe [{p.kind}] {p.prompt!r} -> {p.answer!r} of {p.candidates}")
+    if len(tasks) > examples:
+        lines.append(f"... {len(tasks) - examples} more tasks")
+    return "\n".join(lines)
+
+
+def time_probes(tasks: list[Task]) -> tuple[float, int]:
+    """Seconds to score every probe of the stream with a tiny random GPT (d_model 128, 4 layers)."""
+    import torch
+
+    from topocl.config import ModelConfig
+    from topocl.evaluate import score_probes
+    from topocl.model import GPT
+    from topocl.tokenizer import Tokenizer
+    from topocl.world import synthetic_corpus
+
+    tok = Tokenizer.train([x for t in tasks for x in t.texts] + synthetic_corpus(500, 0), 2048)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, max_seq_len=256)).eval()
+    probes = [p for t in tasks for p in t.probes]
+    t0 = time.perf_counter()
+    score_probes(model, tok, probes, device="cpu")
+    return time.perf_counter() - t0, len(probes)
+
+
+def cli(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="topocl stream", description="Inspect a task stream before training on it.")
+    ap.add_argument("action", choices=["show"])
+    ap.add_argument("name", help=f"stream: {', '.join(STREAMS.names())}")
+    ap.add_argument("options", nargs="*", help="stream options, e.g. n_worlds=10 seed=3")
+    ap.add_argument("--time", action="store_true", help="time scoring all probes with the tiny CPU model")
+    args = ap.parse_args(argv)
+    opts = dict(o.split("=", 1) for o in args.options if "=" in o)
+    bad = [o for o in args.options if "=" not in o]
+    if bad:
+        raise ValueError(f"options must be key=value, got {bad}")
+    tasks = build_stream(args.name, opts)
+    print(summary(tasks))
+    if args.time:
+        secs, n = time_probes(tasks)
+        print(f"\nscored all {n} probes ({len(tasks)} tasks) with the tiny CPU model in {secs:.1f} s")
+    return 0
