@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "metrics": ("topocl.results", "named CL metrics of results.jsonl files as JSON: topocl metrics RESULTS [...]"),
     "report": ("topocl.report", "comparison report (report.md + PNGs) of run directories: topocl report RUN [...]"),
     "stream": ("topocl.tasks.streams", "inspect a task stream: topocl stream show NAME [k=v ...] [--time]"),
+    "continual": ("topocl.continual", "run a task stream on a pretrained model: topocl continual CONFIG [k=v ...]"),
     "params": ("topocl.params", "parameters per role (and the matched dense control): topocl params CONFIG"),
 }
 

@@ -1,0 +1,354 @@
+"""`topocl continual CONFIG [k=v ...]`: train a pretrained model on a stream of tasks and measure forgetting.
+
+For every (seed, order): evaluate all probes before continual training (after_task = -1), then train
+on each task in turn with the one loop (`train_steps`) and evaluate every task's probes (and the base
+probes and held-out base bits/byte) after it, appending tidy rows to results.jsonl:
+
+    {"run", "seed", "order", "after_task", "step", "eval_task", "kind", "metric", "value"}
+
+eval_task is the probe's task position in this run's training order (-1 for base knowledge). The
+three axes compose: `adapter` (none | lora), `strategies` (vanilla, ewc, replay, dream; e.g.
+[ewc, replay]) and the ACFT role policy `train.roles` (lr_scale, weight_decay, anchor). Reference
+runs: `reference=joint` (for task j, train the initial model on tasks 0..j together) and
+`reference=single` (for task j, train the initial model on task j alone).
+
+    RUN/ config.yaml  results.jsonl  cost.json  seed{S}-order{O}/{metrics.jsonl, checkpoints/}
+
+A killed run resumes at the last finished task with resume=true and produces the same rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from topocl.checkpoint import latest_checkpoint, load_checkpoint, load_tensors, save_checkpoint, write_json_atomic
+from topocl.config import ConfigError, TrainConfig, load_config, save_config
+from topocl.data import BatchSampler, pack_documents
+from topocl.evaluate import score_probes
+from topocl.lora import LoRAConfig, apply_lora, lora_policy
+from topocl.optim import build_optimizer, optimizer_state_bytes, role_params
+from topocl.pretrain import load_run
+from topocl.registry import STRATEGIES
+from topocl.strategies import DreamConfig, EWCConfig, ReplayConfig
+from topocl.strategies.base import StrategyContext
+from topocl.tasks import Probe, Task
+from topocl.tasks.streams import build_stream
+from topocl.train import autocast_for, evaluate_loss, resolve_device, train_steps
+
+
+@dataclass
+class ContinualConfig:
+    out_dir: str = "runs/continual"
+    run: str = ""  # name written in results rows; "" = the out_dir's name
+    init: str = ""  # pretrained run directory (topocl pretrain's out_dir)
+    resume: bool = False
+    seeds: list[int] = field(default_factory=lambda: [0])
+    orders: list[int] = field(default_factory=lambda: [0])  # 0 = the stream's order; k > 0 = permutation seeded by k
+    device: str = "auto"
+    dtype: str = "auto"
+    stream: str = "worlds"  # registry name: worlds | campaign | jsonl
+    stream_options: dict[str, Any] = field(default_factory=dict)  # checked against the stream's own config
+    strategies: list[str] = field(default_factory=lambda: ["vanilla"])
+    adapter: str = "none"  # none | lora
+    reference: str = "none"  # none | joint | single
+    eval_every: int = 0  # also evaluate every N steps inside a task (0 = only at task ends)
+    eval_base: bool = True  # base probes + held-out base-corpus bits/byte at each evaluation
+    base_rows: int = 64  # held-out base rows for bits/byte (and replay's base mixing pool)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=40, batch_size=16, lr=1e-3,
+                                                                   warmup_steps=5, ckpt_every=10**9))
+    ewc: EWCConfig = field(default_factory=EWCConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    dream: DreamConfig = field(default_factory=DreamConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def task_order(n: int, order: int) -> list[int]:
+    """Order 0 is the stream's own; order k > 0 is a permutation seeded by k."""
+    if order == 0:
+        return list(range(n))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(10_000 + order)).tolist()
+
+
+def task_rows(task: Task, tok, seq_len: int) -> Tensor:
+    return pack_documents(tok.encode_batch(task.texts), seq_len, tok.bos_id)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def _append(path: Path, rows: list[dict]) -> None:
+    with open(path, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def _keep_rows(path: Path, keep) -> None:
+    if not path.is_file():
+        return
+    rows = [r for r in path.read_text().splitlines() if r.strip() and keep(json.loads(r))]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+class Evaluator:
+    """All probes of all tasks (+ base probes and held-out bits/byte) -> tidy result rows."""
+
+    def __init__(self, tasks: list[Task], base_probes: list[Probe], base_val: Tensor | None, tok, device, dtype):
+        self.tok, self.device, self.dtype = tok, device, dtype
+        self.probes = [p for t in tasks for p in t.probes]
+        self.owner = [j for j, t in enumerate(tasks) for _ in t.probes]  # task position of each probe
+        self.probes += base_probes
+        self.owner += [-1] * len(base_probes)
+        self.base_val = base_val
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, ident: dict, after_task: int, step: int) -> list[dict]:
+        model.eval()
+        with autocast_for(self.device, self.dtype):
+            scores = score_probes(model, self.tok, self.probes, device=self.device)
+        groups: dict[tuple[int, str], list] = {}
+        for owner, s in zip(self.owner, scores):
+            groups.setdefault((owner, s.kind), []).append(s)
+        rows = []
+        for (owner, kind), ss in sorted(groups.items()):
+            for metric, value in (("acc", sum(s.correct for s in ss) / len(ss)),
+                                  ("em", sum(s.em for s in ss) / len(ss)),
+                                  ("nll", sum(s.nll for s in ss) / len(ss))):
+                rows.append({**ident, "after_task": after_task, "step": step, "eval_task": owner, "kind": kind,
+                             "metric": metric, "value": float(value)})
+        if self.base_val is not None:
+            ev = evaluate_loss(model, self.base_val, self.tok.token_bytes(), batch_size=32, max_batches=0,
+                               device=self.device, dtype=self.dtype)
+            rows.append({**ident, "after_task": after_task, "step": step, "eval_task": -1, "kind": "base",
+                         "metric": "bpb", "value": ev["val_bpb"]})
+        model.train()
+        return rows
+
+
+# ----------------------------------------------------------------------------- one (seed, order)
+
+
+class StreamRun:
+    """One seed x order of one arm: owns its model, strategies, checkpoints and result rows."""
+
+    def __init__(self, cfg: ContinualConfig, seed: int, order: int, out: Path):
+        self.cfg, self.seed, self.order = cfg, seed, order
+        self.dir = out / f"seed{seed}-order{order}"
+        self.ident = {"run": cfg.run or out.name, "seed": seed, "order": order}
+        self.device = resolve_device(cfg.device)
+        self.model, self.tok, self.pcfg = load_run(cfg.init, self.device)
+        self.seq_len = self.pcfg.data.seq_len
+        torch.manual_seed(seed)
+        tasks = build_stream(cfg.stream, cfg.stream_options)
+        self.tasks = [tasks[i] for i in task_order(len(tasks), order)]
+        self.rows = [task_rows(t, self.tok, self.seq_len) for t in self.tasks]
+        base_probes, base_val = self._base_material()
+        self.evaluate = Evaluator(self.tasks, base_probes, base_val, self.tok, self.device, cfg.dtype)
+        self.base_val = base_val
+        self.init_state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.model = self._adapt(self.model)
+        self.strategies = self._strategies()
+        self.step = 0
+        self.cost = {"step_times": [], "tokens": 0, "opt_bytes": 0}
+
+    def _base_material(self) -> tuple[list[Probe], Tensor | None]:
+        if not self.cfg.eval_base:
+            return [], None
+        from topocl.data import prepare_data
+
+        data = prepare_data(self.pcfg.data, self.pcfg.seed, tokenizer=self.tok)  # same split as pretraining
+        probes = []
+        if self.pcfg.data.corpus == "synthetic":
+            from topocl.world import base_probes
+
+            probes = base_probes()
+        return probes, data.val[: self.cfg.base_rows]
+
+    def _adapt(self, model: nn.Module) -> nn.Module:
+        if self.cfg.adapter == "lora":
+            return apply_lora(model, self.cfg.lora)
+        if self.cfg.adapter != "none":
+            raise ConfigError(f"adapter={self.cfg.adapter!r}: use none | lora")
+        return model
+
+    def _strategies(self) -> list:
+        ctx = StrategyContext(device=self.device, seed=self.seed, seq_len=self.seq_len,
+                              batch_size=self.cfg.train.batch_size, base_rows=self.base_val,
+                              bos_id=self.tok.bos_id, train=self.cfg.train)
+        return [STRATEGIES.get(n)(getattr(self.cfg, n, None), ctx) for n in self.cfg.strategies]
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, next_task: int) -> None:
+        tensors, meta = {}, {}
+        for s in self.strategies:
+            st = s.state_dict()
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"{s.name}.{k}"] = v
+                else:
+                    meta[f"{s.name}.{k}"] = v
+        save_checkpoint(self.dir / "checkpoints", next_task, self.model, None,
+                        {"next_task": next_task, "step": self.step, "strategies": meta, "cost": self.cost},
+                        keep=1, tensors=tensors)
+
+    def restore(self) -> int:
+        ck = latest_checkpoint(self.dir / "checkpoints")
+        if ck is None:
+            return 0
+        state = load_checkpoint(ck, self.model)
+        tensors = load_tensors(ck)
+        for s in self.strategies:
+            pre = f"{s.name}."
+            st = {k[len(pre):]: v for k, v in {**state["strategies"], **tensors}.items() if k.startswith(pre)}
+            s.load_state_dict(st)
+        self.step, self.cost = state["step"], state["cost"]
+        return state["next_task"]
+
+    # ------------------------------------------------------------------ training
+
+    def train_task(self, rows: Tensor, j: int, steps: int, bar: tqdm, results: Path) -> None:
+        cfg = self.cfg
+        roles = {**lora_policy(self.model), **cfg.train.roles} if cfg.adapter == "lora" else cfg.train.roles
+        tr = dataclasses.replace(cfg.train, steps=steps, roles=roles)
+        for s in self.strategies:
+            s.before_task(self.model, rows, j)
+        opt = build_optimizer(self.model, tr)
+        anchors = {n: p.detach().clone() for g in opt.param_groups if g["anchor"] > 0
+                   for n, p in zip(g["names"], g["params"])}
+        anchor_rate = {n: g["anchor"] for g in opt.param_groups for n in g["names"]}
+        sampler = BatchSampler(len(rows), tr.batch_size, seed=self.seed * 1000 + j)
+
+        def batches(step: int) -> Tensor:
+            batch = rows[sampler.indices(step)]
+            for s in self.strategies:
+                batch = s.mix(batch, step)
+            return batch
+
+        def extra_loss(model, out, mb):
+            terms = [t for s in self.strategies if (t := s.loss(model, out, mb)) is not None]
+            return sum(terms[1:], terms[0]) if terms else out.loss.new_zeros(())
+
+        params = dict(self.model.named_parameters())
+        log = self.dir / "metrics.jsonl"
+        for r in train_steps(self.model, opt, batches, range(tr.steps), cfg=tr, device=self.device,
+                             dtype=cfg.dtype, extra_loss=extra_loss):
+            with torch.no_grad():  # ACFT EMA anchoring of slow roles toward their task-start values
+                for n, p0 in anchors.items():
+                    params[n].lerp_(p0, anchor_rate[n])
+            for s in self.strategies:
+                s.after_step(self.model, r.step)
+            self.step += 1
+            self.cost["step_times"].append(r.dt)
+            self.cost["tokens"] += r.tokens
+            bar.update(1)
+            bar.set_postfix(task=j, loss=f"{r.loss:.3f}", tok_s=f"{r.tokens_per_s:,.0f}", refresh=False)
+            if (r.step + 1) % tr.log_every == 0:
+                stats = {k: v for s in self.strategies for k, v in s.stats().items()}
+                _append(log, [{"task": j, "step": self.step, "loss": r.loss, "lm_loss": r.lm_loss, "lr": r.lr,
+                               "grad_norm": r.grad_norm, "tokens_per_s": r.tokens_per_s, **r.aux, **stats}])
+            if cfg.eval_every and (r.step + 1) % cfg.eval_every == 0 and r.step + 1 < tr.steps:
+                # inside task j: the last finished task is j - 1; the larger step tells it apart
+                _append(results, self.evaluate(self.model, self.ident, j - 1, self.step))
+        self.cost["opt_bytes"] = max(self.cost["opt_bytes"], optimizer_state_bytes(opt))
+        for s in self.strategies:
+            s.after_task(self.model, rows, j)
+
+    def reset_to_init(self) -> None:
+        base = getattr(self.model, "base_model", self.model)
+        if base is self.model:
+            self.model.load_state_dict(self.init_state)
+        else:  # LoRA: a fresh adapter on the initial weights
+            self.model = self._adapt(load_run(self.cfg.init, self.device)[0])
+
+    def run(self, results: Path) -> dict:
+        cfg = self.cfg
+        self.dir.mkdir(parents=True, exist_ok=True)
+        start = self.restore() if cfg.resume else 0
+        mine = lambda r: r["seed"] == self.seed and r["order"] == self.order  # noqa: E731
+        done_step = self.step  # rows after the last finished task's evaluation belong to the killed task
+        _keep_rows(results, lambda r: not (mine(r) and (start == 0 or r["step"] > done_step
+                                                         or r["after_task"] >= start)))
+        _keep_rows(self.dir / "metrics.jsonl", lambda r: r["task"] < start)
+        if start == 0:
+            _append(results, self.evaluate(self.model, self.ident, -1, 0))
+        t0 = time.perf_counter()
+        joint = cfg.reference == "joint"
+        steps = [cfg.train.steps * (j + 1 if joint else 1) for j in range(len(self.tasks))]  # joint: same steps/task
+        bar = tqdm(total=sum(steps), initial=sum(steps[:start]), desc=f"{self.ident['run']} s{self.seed} "
+                   f"o{self.order}", unit="step", dynamic_ncols=True, file=sys.stderr)
+        for j in range(start, len(self.tasks)):
+            if cfg.reference in ("joint", "single"):
+                self.reset_to_init()
+            rows = torch.cat(self.rows[: j + 1]) if joint else self.rows[j]
+            self.train_task(rows, j, steps[j], bar, results)
+            _append(results, self.evaluate(self.model, self.ident, j, self.step))
+            self.save(j + 1)
+        bar.close()
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        times = self.cost["step_times"]
+        return {"trainable_params": trainable,
+                "trainable_by_role": {r: sum(p.numel() for _, p in ps if p.requires_grad)
+                                      for r, ps in role_params(self.model).items()},
+                "optimizer_state_bytes": self.cost["opt_bytes"], "peak_memory_bytes": peak_memory_bytes(self.device),
+                "step_time_s": sum(times) / max(len(times), 1), "tokens": self.cost["tokens"],
+                "wall_s": time.perf_counter() - t0, "device": str(self.device)}
+
+
+def run_continual(cfg: ContinualConfig) -> Path:
+    if not cfg.init:
+        raise ConfigError("init= must name a pretrained run directory (topocl pretrain's out_dir)")
+    if cfg.reference not in ("none", "joint", "single"):
+        raise ConfigError(f"reference={cfg.reference!r}: use none | joint | single")
+    for n in cfg.strategies:
+        STRATEGIES.get(n)
+    out = Path(cfg.out_dir)
+    results = out / "results.jsonl"
+    if results.exists() and not cfg.resume:
+        raise ConfigError(f"{out} already holds results; pass resume=true to continue it or choose another "
+                          "out_dir= (nothing was overwritten)")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    costs = []
+    for seed in cfg.seeds:
+        for order in cfg.orders:
+            costs.append({"seed": seed, "order": order, **StreamRun(cfg, seed, order, out).run(results)})
+    write_json_atomic(out / "cost.json", {"runs": costs, **{k: _mean(costs, k) for k in costs[0]
+                                                            if isinstance(costs[0][k], int | float)}})
+    return out
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    vals = [r[key] for r in rows]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def cli(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="topocl continual", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    out = run_continual(load_config(ContinualConfig, args.config, args.overrides))
+    print(f"run directory: {out}  (results: {out / 'results.jsonl'})")
+    return 0
