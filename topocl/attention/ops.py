@@ -62,7 +62,7 @@ def topk_mask(scores: Tensor, k: int | Tensor, visible: Tensor) -> Tensor:
     keep = torch.zeros_like(masked, dtype=torch.bool).scatter_(-1, idx, True)
     if not isinstance(k, int):  # per-row budget: drop picks ranked >= k
         rank = torch.arange(kmax, device=scores.device)
-        sel = rank < k  # [..., T, kmax]
+        sel = (rank < k).expand_as(idx)  # [..., T, kmax]
         keep = torch.zeros_like(keep).scatter_(-1, idx, sel)
     return keep & visible
 
@@ -73,7 +73,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None = 
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     scores = (q @ k.transpose(-1, -2)) * scale  # [B, H, T, S]
     scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(q.dtype)  # all-masked rows -> 0
+    acc = torch.promote_types(scores.dtype, torch.float32)  # softmax in fp32 (fp64 stays fp64)
+    probs = torch.softmax(scores.to(acc), dim=-1).nan_to_num(0.0).to(q.dtype)  # all-masked rows -> 0
     return probs @ v  # [B, H, T, D]
 
 

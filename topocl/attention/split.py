@@ -1,0 +1,100 @@
+"""`split`: the head-split surgery topology, trained from scratch.
+
+Group A heads attend densely (the slow pathway, role `attn.dense_heads`); group B heads keep only the
+top-k of their own causal scores per query (the fast pathway, role `attn.sparse_heads`). Groups are
+whole KV groups with their query heads (GQA-aware), and each group has its own q/k/v/o parameters, so
+freezing group A leaves it no gradient and no optimizer state.
+
+    y = o_A(softmax_causal(q_A k_Aᵀ/√D) v_A) + o_B(softmax(mask_topk(q_B k_Bᵀ/√D)) v_B)
+
+Budget per query t (group B): `topk` keys if topk > 0, else max(1, round(topk_frac · (t + 1))), never more
+than the t + 1 causal keys. Selection uses `topocl.attention.ops.topk_mask` on detached scores (the op
+head-split surgery reuses on Hugging Face models); the reference path is the full masked softmax.
+
+Shape legend: B batch, T positions, C d_model, Ha/Hb query heads of group A/B, Ka/Kb their KV heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from topocl.attention.ops import apply_rope, attend, causal_mask, repeat_kv, sdpa_causal, topk_mask
+from topocl.config import ModelConfig
+from topocl.registry import ATTENTION
+
+
+def split_groups(n_kv_head: int, sparse_kv_groups: int) -> tuple[int, int]:
+    """(dense KV groups, sparse KV groups); -1 = half (rounded down, at least 1)."""
+    kb = max(1, n_kv_head // 2) if sparse_kv_groups < 0 else sparse_kv_groups
+    if not 1 <= kb < n_kv_head:
+        raise ValueError(f"split.sparse_kv_groups={sparse_kv_groups} must leave both groups non-empty "
+                         f"(1..{n_kv_head - 1} of n_kv_head={n_kv_head})")
+    return n_kv_head - kb, kb
+
+
+def row_budget(t: int, topk: int, frac: float, device: torch.device | None = None) -> Tensor:
+    """Keys kept per query row, LongTensor [T, 1]."""
+    prefix = torch.arange(1, t + 1, device=device)[:, None]  # causal keys of row t: t + 1
+    k = torch.full_like(prefix, topk) if topk > 0 else (frac * prefix).round().long().clamp(min=1)
+    return torch.minimum(k, prefix)
+
+
+class _Group(nn.Module):
+    def __init__(self, d_model: int, n_q: int, n_kv: int, d: int) -> None:
+        super().__init__()
+        self.hq, self.hk, self.d = n_q, n_kv, d
+        self.q_proj = nn.Linear(d_model, n_q * d, bias=False)
+        self.k_proj = nn.Linear(d_model, n_kv * d, bias=False)
+        self.v_proj = nn.Linear(d_model, n_kv * d, bias=False)
+        self.o_proj = nn.Linear(n_q * d, d_model, bias=False)
+
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.hq, self.d).transpose(1, 2)  # [B, Hq, T, D]
+        k = self.k_proj(x).view(b, t, self.hk, self.d).transpose(1, 2)  # [B, Hk, T, D]
+        v = self.v_proj(x).view(b, t, self.hk, self.d).transpose(1, 2)  # [B, Hk, T, D]
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def out(self, y: Tensor) -> Tensor:
+        b, _, t, _ = y.shape
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.hq * self.d))  # [B, T, C]
+
+
+@ATTENTION.register("split")
+class SplitAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
+        super().__init__()
+        if cfg.n_head % cfg.n_kv_head:
+            raise ValueError(f"n_head={cfg.n_head} must be a multiple of n_kv_head={cfg.n_kv_head}")
+        g = cfg.n_head // cfg.n_kv_head
+        ka, kb = split_groups(cfg.n_kv_head, cfg.split.sparse_kv_groups)
+        self.dense = _Group(cfg.d_model, ka * g, ka, cfg.hd)  # group A
+        self.sparse = _Group(cfg.d_model, kb * g, kb, cfg.hd)  # group B
+        self.topk, self.frac = cfg.split.topk, cfg.split.topk_frac
+        self.fast_on = True
+
+    def param_role(self, name: str) -> str:
+        return "attn.dense_heads" if name.startswith("dense.") else "attn.sparse_heads"
+
+    def set_fast_pathway(self, enabled: bool) -> None:
+        self.fast_on = enabled
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        t = x.shape[1]
+        qa, ka, va = self.dense.qkv(x, cos, sin)
+        y = self.dense.out(sdpa_causal(qa, ka, va))
+        qb, kb, vb = self.sparse.qkv(x, cos, sin)
+        g = qb.shape[1] // kb.shape[1]
+        kb, vb = repeat_kv(kb, g), repeat_kv(vb, g)  # [B, Hb, T, D]
+        visible = causal_mask(t, device=x.device)  # [T, T]
+        with torch.no_grad():
+            scores = qb @ kb.transpose(-1, -2)  # [B, Hb, T, T], selection only (no gradient through indices)
+            keep = topk_mask(scores, row_budget(t, self.topk, self.frac, x.device), visible)
+        yb = attend(qb, kb, vb, keep, 1.0 / math.sqrt(qb.shape[-1]))  # [B, Hb, T, D]
+        if self.fast_on:
+            y = y + self.sparse.out(yb)
+        frac = keep.float().sum(-1).mean() / visible.float().sum(-1).mean()
+        return y, {"stat.split_key_frac": frac.detach()}
