@@ -1,24 +1,32 @@
-"""`topocl demo` (what `make demo` runs): the embedded default, end to end on CPU.
+"""`topocl demo` (what `make demo` runs): the embedded default, end to end on 2 CPU cores.
 
-Pretrains the tiny dense model on the synthetic common-sense corpus and prints the run directory.
-A finished stage is reused when the demo runs again (delete runs/demo to start over).
+1. pretrain the tiny dense model and the tiny sparse (split) model on the synthetic common-sense corpus;
+2. run the same 10-world "window-breaking" stream on six arms: dense+vanilla, dense+ewc, dense+replay,
+   dense+lora, sparse+vanilla and sparse+acft (configs/continual/tiny-*.yaml);
+3. write one comparison report and print its path and a short table.
+Finished stages are reused when the demo runs again (delete the demo directory to start over);
+an interrupted stage resumes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 from topocl.checkpoint import latest_checkpoint
 from topocl.config import PretrainConfig, load_config
-from topocl.pretrain import pretrain
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ARMS = [("tiny-dense-vanilla", "dense"), ("tiny-dense-ewc", "dense"), ("tiny-dense-replay", "dense"),
+        ("tiny-dense-lora", "dense"), ("tiny-split-vanilla", "split"), ("tiny-split-acft", "split")]
 
 
 def pretrained(preset: str, out: Path, overrides: list[str]) -> Path:
     """Pretrain `preset` into `out` unless a finished run is already there."""
+    from topocl.pretrain import pretrain
+
     cfg = load_config(PretrainConfig, CONFIGS / "pretrain" / f"{preset}.yaml", [f"out_dir={out}", *overrides])
     ck = latest_checkpoint(out / "checkpoints")
     if ck is not None and (out / "summary.json").is_file():
@@ -28,15 +36,39 @@ def pretrained(preset: str, out: Path, overrides: list[str]) -> Path:
     return pretrain(cfg)
 
 
+def arm(config: str, init: Path, out: Path, overrides: list[str]) -> Path:
+    from topocl.continual import ContinualConfig, run_continual
+
+    cfg = load_config(ContinualConfig, CONFIGS / "continual" / f"{config}.yaml",
+                      [f"init={init}", f"out_dir={out}", *overrides])
+    if (out / "cost.json").is_file():
+        print(f"reusing finished continual run {out}")
+        return out
+    cfg.resume = (out / "results.jsonl").is_file()
+    return run_continual(cfg)
+
+
 def cli(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="topocl demo", description=__doc__)
+    ap = argparse.ArgumentParser(prog="topocl demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo", help="demo directory (default runs/demo)")
+    ap.add_argument("--quick", action="store_true", help="a much smaller demo (seconds; for smoke tests)")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    run = pretrained("tiny-dense", out / "pretrain-dense", [])
-    summary = json.loads((run / "summary.json").read_text())
-    acc = summary.get("base_probes", {}).get("base", {}).get("acc", float("nan"))
-    print(f"\ntiny dense model: val {summary['val_bpb']:.3f} bits/byte, base-probe accuracy {acc:.1%}, "
-          f"{summary['tokens_seen']:,} tokens seen")
-    print(f"run directory: {run}")
+    t0 = time.perf_counter()
+    pre = ["train.steps=40", "data.synthetic_docs=2000", "train.eval_every=20"] if args.quick else []
+    cl = ["stream_options.n_worlds=3", "train.steps=4", "base_rows=8"] if args.quick else []
+    inits = {kind: pretrained(f"tiny-{kind}", out / f"pretrain-{kind}", pre) for kind in ("dense", "split")}
+    for kind, run in inits.items():
+        s = json.loads((run / "summary.json").read_text())
+        acc = s.get("base_probes", {}).get("base", {}).get("acc", float("nan"))
+        print(f"tiny {kind}: val {s['val_bpb']:.3f} bits/byte, base-probe accuracy {acc:.1%}, "
+              f"{s['tokens_seen']:,} tokens")
+    runs = [arm(config, inits[kind], out / config.removeprefix("tiny-"), cl) for config, kind in ARMS]
+    from topocl.report import terminal_table, write_report
+
+    report = write_report(runs, out / "report", baseline="dense-vanilla")
+    print()
+    print(terminal_table(json.loads((out / "report" / "summary.json").read_text())))
+    print(f"\ndemo finished in {(time.perf_counter() - t0) / 60:.1f} min; report: {report}")
     return 0

@@ -1,0 +1,18 @@
+"""`topocl demo --quick`: the demo pipeline end to end (pretrain two models, six arms, one report)."""
+
+import pytest
+
+from topocl.cli import main
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    report = (tmp_path / "report" / "report.md").read_text()
+    for run in ("dense-vanilla", "dense-ewc", "dense-replay", "dense-lora", "split-vanilla", "split-acft"):
+        assert f"| {run} |" in report and run in out
+    assert (tmp_path / "report" / "accuracy_matrix.png").is_file() and "report:" in out
+    # a second run reuses every finished stage
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.count("reusing finished") == 8
