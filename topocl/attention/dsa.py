@@ -1,0 +1,152 @@
+"""`dsa`: DeepSeek Sparse Attention (V3.2) in a GQA model: a lightning indexer picks the top-k tokens per
+query, shared by all routed heads; `shared_heads` query heads (whole KV groups) stay dense.
+
+    I[t,s] = Σ_h w[t,h] · H_I^-½ · d_I^-½ · ReLU(q_I[t,h] · k_I[s])            (Eq. 1, DeepSeek's scales)
+    keep   = TopK_s(I[t,:] + causal) ∧ causal                                   (causal mask re-applied after
+                                                                                  the scatter: no future leak)
+    y      = o_proj([shared heads: causal softmax ; routed heads: softmax over keep])
+
+Indexer: q_I from x, k_I = LayerNorm(W_k x) (one key per token), w = W_w x; NeoX RoPE on the first
+`index_rope_dim` dims of q_I and k_I; no Hadamard/FP8 (orthonormal, so the maths is unchanged). It reads
+detached inputs and learns only from the KL to the detached attention distribution of the routed heads,
+summed over heads and L1-normalised (Eq. 3 with `kl_support=dense`; Eq. 4 with `sparse`, where, as in
+Megatron, each head is renormalised inside the selected set before summing). `phase=warmup` keeps the
+attention dense while the indexer learns (DeepSeek's dense warm-up; freeze the other roles with
+`train.roles`), `phase=sparse` switches top-k on.
+
+Shape legend: B batch, T queries, S keys (= T), C d_model, Hs/Hr shared/routed query heads, D head dim,
+HI indexer heads, DI indexer dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from topocl.attention.ops import apply_rope, attend, causal_mask, repeat_kv, rope_cache, sdpa_causal, topk_mask
+from topocl.config import ModelConfig
+from topocl.registry import ATTENTION
+
+
+class Indexer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        c = cfg.dsa
+        if c.index_rope_dim % 2 or c.index_rope_dim > c.index_dim:
+            raise ValueError(f"dsa.index_rope_dim={c.index_rope_dim} must be even and <= index_dim={c.index_dim}")
+        self.h, self.d, self.rd = c.index_heads, c.index_dim, c.index_rope_dim
+        self.q = nn.Linear(cfg.d_model, self.h * self.d, bias=False)
+        self.k = nn.Linear(cfg.d_model, self.d, bias=False)
+        self.k_norm = nn.LayerNorm(self.d)
+        self.w = nn.Linear(cfg.d_model, self.h, bias=False)
+        cos, sin = rope_cache(cfg.max_seq_len, max(self.rd, 2), cfg.rope_base)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _rope(self, x: Tensor) -> Tensor:
+        if self.rd == 0:
+            return x
+        t = x.shape[-2]
+        pe = apply_rope(x[..., : self.rd], self.cos[:t], self.sin[:t])  # RoPE part first ([pe ; nope])
+        return torch.cat([pe, x[..., self.rd:]], dim=-1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Index scores I [B, T, S] (before any mask) from detached x [B, T, C]."""
+        b, t, _ = x.shape
+        q = self._rope(self.q(x).view(b, t, self.h, self.d).transpose(1, 2))  # [B, HI, T, DI]
+        k = self._rope(self.k_norm(self.k(x)))  # [B, S, DI]
+        w = self.w(x) * (self.h ** -0.5 * self.d ** -0.5)  # [B, T, HI]
+        dots = torch.relu(q @ k[:, None].transpose(-1, -2))  # [B, HI, T, S]
+        return torch.einsum("bhts,bth->bts", dots, w)  # Σ_h w[t,h] ReLU(q·k)
+
+
+class _Heads(nn.Module):
+    def __init__(self, d_model: int, n_q: int, n_kv: int, d: int) -> None:
+        super().__init__()
+        self.hq, self.hk, self.d = n_q, n_kv, d
+        self.q_proj = nn.Linear(d_model, n_q * d, bias=False)
+        self.k_proj = nn.Linear(d_model, n_kv * d, bias=False)
+        self.v_proj = nn.Linear(d_model, n_kv * d, bias=False)
+
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.hq, self.d).transpose(1, 2)  # [B, Hq, T, D]
+        k = self.k_proj(x).view(b, t, self.hk, self.d).transpose(1, 2)  # [B, Hk, T, D]
+        v = self.v_proj(x).view(b, t, self.hk, self.d).transpose(1, 2)  # [B, Hk, T, D]
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def indexer_kl(scores: Tensor, index: Tensor, support: Tensor) -> Tensor:
+    """KL(p ‖ softmax(I)) summed over keys, averaged over query rows.
+    scores [B, H, T, S] detached attention logits; index [B, T, S]; support bool [B|1, T, S] (causal or top-k).
+    p = L1-normalise(Σ_h softmax_support(scores_h))."""
+    probs = torch.softmax(scores.masked_fill(~support[:, None], float("-inf")), dim=-1).nan_to_num(0.0)
+    p = probs.sum(1)  # [B, T, S]
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
+    logq = torch.log_softmax(index.masked_fill(~support, float("-inf")), dim=-1)
+    kl = torch.where(p > 0, p * (torch.log(p.clamp_min(1e-30)) - logq), torch.zeros_like(p))
+    return kl.sum(-1).mean()
+
+
+@ATTENTION.register("dsa")
+class DSAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
+        super().__init__()
+        c = cfg.dsa
+        g = cfg.n_head // cfg.n_kv_head
+        if cfg.n_head % cfg.n_kv_head or c.shared_heads % g or not 0 <= c.shared_heads < cfg.n_head:
+            raise ValueError(f"dsa.shared_heads={c.shared_heads} must be a multiple of the GQA group size {g} "
+                             f"and leave routed heads (n_head={cfg.n_head})")
+        if c.phase not in ("warmup", "sparse") or c.kl_support not in ("dense", "sparse"):
+            raise ValueError(f"dsa.phase must be warmup|sparse and dsa.kl_support dense|sparse, got "
+                             f"{c.phase!r}, {c.kl_support!r}")
+        ks = c.shared_heads // g
+        self.shared = _Heads(cfg.d_model, c.shared_heads, ks, cfg.hd) if c.shared_heads else None
+        self.routed = _Heads(cfg.d_model, cfg.n_head - c.shared_heads, cfg.n_kv_head - ks, cfg.hd)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.hd, cfg.d_model, bias=False)
+        self.indexer = Indexer(cfg)
+        self.topk, self.phase, self.support, self.coeff = c.topk, c.phase, c.kl_support, c.kl_coeff
+        self.fast_on = True
+
+    def param_role(self, name: str) -> str:
+        first = name.split(".")[0]
+        return {"shared": "attn.shared_heads", "routed": "attn.routed_heads", "o_proj": "attn.o",
+                "indexer": "attn.indexer"}[first]
+
+    def set_fast_pathway(self, enabled: bool) -> None:
+        self.fast_on = enabled
+
+    def select(self, index: Tensor, visible: Tensor) -> Tensor:
+        """bool [B, T, S]: the top-k causal keys of each query by index score (all causal keys in warm-up)."""
+        if self.phase == "warmup":
+            return visible.expand(index.shape[0], -1, -1)
+        return topk_mask(index.detach(), self.topk, visible)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        b, t, _ = x.shape
+        visible = causal_mask(t, device=x.device)[None]  # [1, T, S]
+        index = self.indexer(x.detach())  # [B, T, S], detached input: LM loss never reaches the indexer
+        keep = self.select(index, visible)  # [B, T, S]
+        q, k, v = self.routed.qkv(x, cos, sin)
+        k, v = repeat_kv(k, q.shape[1] // k.shape[1]), repeat_kv(v, q.shape[1] // k.shape[1])  # [B, Hr, S, D]
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        y_r = attend(q, k, v, keep[:, None], scale)  # [B, Hr, T, D]
+        if not self.fast_on:
+            y_r = torch.zeros_like(y_r)
+        ys = [y_r]
+        if self.shared is not None:
+            qs, ks, vs = self.shared.qkv(x, cos, sin)
+            ys.insert(0, sdpa_causal(qs, ks, vs))  # [B, Hs, T, D]
+        y = torch.cat(ys, dim=1).transpose(1, 2).reshape(b, t, -1)  # [B, T, H*D]
+        scores = (q @ k.transpose(-1, -2)).detach() * scale  # [B, Hr, T, S] teacher logits (detached)
+        kl = indexer_kl(scores, index, keep if self.support == "sparse" else visible.expand(b, -1, -1))
+        with torch.no_grad():
+            p = torch.softmax(scores.masked_fill(~visible[:, None], float("-inf")), -1).sum(1)  # [B, T, S]
+            own = topk_mask(p, self.topk, visible)  # the attention's own top-k
+            recall = (own & keep).sum() / own.sum()
+            frac = keep.sum() / visible.expand_as(keep).sum()
+        aux = {"loss.dsa_kl": self.coeff * kl, "stat.dsa_kl": kl.detach(), "stat.dsa_key_frac": frac.float(),
+               "stat.dsa_recall": recall.float()}
+        return self.o_proj(y), aux

@@ -1,0 +1,191 @@
+"""`nsa`: Native Sparse Attention (arXiv 2502.11089) with independent K/V per branch, as in the paper.
+
+    o_t = Σ_{c ∈ {cmp, slc, win}} g_t^c · Attn(q_t, K_t^c, V_t^c)                         (Eq. 5)
+    cmp: K̃_i = φ_K(k_{i·d : i·d+l} + pe_K), block i visible to t iff i·d + l − 1 ≤ t    (Eq. 7)
+    slc: p_cmp = softmax(q_t·K̃ᵀ) summed over the GQA group (Eq. 8, 10), mapped onto selection blocks of
+         length l' by overlap (Eq. 9), block 0 and the 2 most recent blocks forced, top-n blocks kept,
+         then token-level causal attention inside them (Eq. 11–12)
+    win: the w most recent tokens, 0 ≤ t − s < w
+    g   = sigmoid(W_g x), one gate per head and branch; init bias (−2, −2, +2) = window-dominated start
+
+Queries see no compressed block before the first block ends: that branch then returns 0 (fla convention).
+The compressed branch uses un-rotated q/k (the simplest RoPE policy, research note §4); selected and
+window branches use RoPE. The block selection is computed without gradient (paper-faithful).
+Reference path: masked softmax over [B, H, T, S]; no fast path yet.
+
+Shape legend: B batch, T queries, S keys, N compression blocks, M selection blocks, C d_model,
+H query heads, Hk KV heads, G = H / Hk, D head dim, L = cmp_block.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from topocl.attention.ops import apply_rope, attend, causal_mask, repeat_kv, topk_mask
+from topocl.config import ModelConfig
+from topocl.registry import ATTENTION
+
+BRANCHES = ("cmp", "slc", "win")
+
+
+def n_cmp_blocks(t: int, block: int, stride: int) -> int:
+    return 0 if t < block else (t - block) // stride + 1
+
+
+def cmp_visible(t: int, block: int, stride: int, device=None) -> Tensor:
+    """bool [T, N]: compression block i (tokens i·d .. i·d+l−1) is visible to query t iff i·d + l − 1 ≤ t."""
+    ends = torch.arange(n_cmp_blocks(t, block, stride), device=device) * stride + block - 1  # [N]
+    return ends[None, :] <= torch.arange(t, device=device)[:, None]
+
+
+def overlap_matrix(t: int, block: int, stride: int, sel_block: int, device=None) -> Tensor:
+    """float [N, M]: tokens shared by compression block i and selection block j, divided by l (Eq. 9)."""
+    n, m = n_cmp_blocks(t, block, stride), -(-t // sel_block)
+    cs = torch.arange(n, device=device)[:, None] * stride  # [N, 1] first token of cmp block i
+    ss = torch.arange(m, device=device)[None, :] * sel_block  # [1, M] first token of sel block j
+    lo, hi = torch.maximum(cs, ss), torch.minimum(cs + block, ss + sel_block)
+    return (hi - lo).clamp(min=0).float() / block
+
+
+def select_blocks(p_sel: Tensor, sel_block: int, n_sel: int, n_init: int, n_local: int) -> Tensor:
+    """bool [..., T, M]: selected blocks per query from selection scores p_sel [..., T, M].
+    Block j is a candidate for query t iff j·l' ≤ t; blocks 0..n_init−1 and the n_local blocks ending at the
+    query's own block are forced; the rest of the n_sel budget goes to the highest scores."""
+    t, m = p_sel.shape[-2], p_sel.shape[-1]
+    pos = torch.arange(t, device=p_sel.device)[:, None]  # [T, 1]
+    blk = torch.arange(m, device=p_sel.device)[None, :]  # [1, M]
+    cand = blk * sel_block <= pos  # [T, M]
+    own = pos // sel_block  # the block holding the query
+    forced = cand & ((blk < n_init) | ((own - blk >= 0) & (own - blk < n_local)))
+    score = p_sel.masked_fill(forced, float("inf"))  # forced blocks outrank every score
+    return topk_mask(score, n_sel, cand)
+
+
+class _KV(nn.Module):
+    def __init__(self, d_model: int, n_kv: int, d: int) -> None:
+        super().__init__()
+        self.hk, self.d = n_kv, d
+        self.k_proj = nn.Linear(d_model, n_kv * d, bias=False)
+        self.v_proj = nn.Linear(d_model, n_kv * d, bias=False)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        b, t, _ = x.shape
+        k = self.k_proj(x).view(b, t, self.hk, self.d).transpose(1, 2)  # [B, Hk, T, D]
+        v = self.v_proj(x).view(b, t, self.hk, self.d).transpose(1, 2)  # [B, Hk, T, D]
+        return k, v
+
+
+class Compressor(nn.Module):
+    """φ: a block of l keys (+ intra-block position embedding) -> one key. mlp: l·D -> l·D -> D (ReLU)."""
+
+    def __init__(self, block: int, d: int, phi: str) -> None:
+        super().__init__()
+        self.block, self.phi = block, phi
+        self.pe = nn.Parameter(torch.zeros(block, d))
+        if phi == "mlp":
+            self.mlp = nn.Sequential(nn.Linear(block * d, block * d), nn.ReLU(), nn.Linear(block * d, d))
+        elif phi != "mean":
+            raise ValueError(f"nsa.phi={phi!r}: use mlp | mean")
+
+    def forward(self, k: Tensor, stride: int) -> Tensor:
+        """k [B, Hk, T, D] -> compressed [B, Hk, N, D]."""
+        blocks = k.unfold(2, self.block, stride).transpose(-1, -2)  # [B, Hk, N, L, D]
+        blocks = blocks + self.pe  # intra-block position
+        if self.phi == "mean":
+            return blocks.mean(-2)
+        return self.mlp(blocks.flatten(-2))  # [B, Hk, N, D]
+
+
+@ATTENTION.register("nsa")
+class NSAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
+        super().__init__()
+        c = cfg.nsa
+        if cfg.n_head % cfg.n_kv_head:
+            raise ValueError(f"n_head={cfg.n_head} must be a multiple of n_kv_head={cfg.n_kv_head}")
+        if c.n_sel < c.n_init + c.n_local:
+            raise ValueError(f"nsa.n_sel={c.n_sel} must cover the {c.n_init + c.n_local} forced blocks")
+        self.c, self.h, self.hk, self.d = c, cfg.n_head, cfg.n_kv_head, cfg.hd
+        self.q_proj = nn.Linear(cfg.d_model, self.h * self.d, bias=False)
+        self.o_proj = nn.Linear(self.h * self.d, cfg.d_model, bias=False)
+        self.gate = nn.Linear(cfg.d_model, 3 * self.h)
+        self.cmp = _KV(cfg.d_model, self.hk, self.d)
+        self.cmp_phi_k = Compressor(c.cmp_block, self.d, c.phi)
+        self.cmp_phi_v = Compressor(c.cmp_block, self.d, c.phi)
+        self.slc = _KV(cfg.d_model, self.hk, self.d)
+        self.win = _KV(cfg.d_model, self.hk, self.d)
+        self.fast_on = True
+        self.force_gates: tuple[float, float, float] | None = None  # tests: inject (g_cmp, g_slc, g_win)
+
+    def reset_extra_parameters(self) -> None:
+        nn.init.zeros_(self.gate.weight)
+        bias = (-2.0, -2.0, 2.0) if self.c.gate_init == "window" else (0.0, 0.0, 0.0)
+        with torch.no_grad():
+            self.gate.bias.copy_(torch.tensor(bias).repeat_interleave(self.h))
+
+    def param_role(self, name: str) -> str:
+        first = name.split(".")[0]
+        if first.startswith("cmp"):
+            return "attn.cmp"
+        return {"slc": "attn.slc", "win": "attn.win", "gate": "attn.gate", "q_proj": "attn.q",
+                "o_proj": "attn.o"}[first]
+
+    def set_fast_pathway(self, enabled: bool) -> None:
+        self.fast_on = enabled
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        b, t, _ = x.shape
+        c, g = self.c, self.h // self.hk
+        scale = 1.0 / math.sqrt(self.d)
+        q_raw = self.q_proj(x).view(b, t, self.h, self.d).transpose(1, 2)  # [B, H, T, D]
+        q = apply_rope(q_raw, cos, sin)
+        causal = causal_mask(t, device=x.device)  # [T, S]
+
+        # compressed branch (un-rotated)
+        k_c, v_c = self.cmp(x)  # [B, Hk, T, D]
+        n = n_cmp_blocks(t, c.cmp_block, c.cmp_stride)
+        if n > 0:
+            kc = repeat_kv(self.cmp_phi_k(k_c, c.cmp_stride), g)  # [B, H, N, D]
+            vc = repeat_kv(self.cmp_phi_v(v_c, c.cmp_stride), g)  # [B, H, N, D]
+            vis_c = cmp_visible(t, c.cmp_block, c.cmp_stride, x.device)  # [T, N]
+            o_cmp = attend(q_raw, kc, vc, vis_c, scale)  # [B, H, T, D]; rows with no block -> 0
+            with torch.no_grad():  # selection scores (Eq. 8-10), no gradient through the indices
+                s = (q_raw @ kc.transpose(-1, -2)) * scale  # [B, H, T, N]
+                p = torch.softmax(s.masked_fill(~vis_c, float("-inf")), -1).nan_to_num(0.0)
+                p = p.view(b, self.hk, g, t, n).sum(2)  # [B, Hk, T, N] summed over the GQA group
+                ov = overlap_matrix(t, c.cmp_block, c.cmp_stride, c.sel_block, x.device).to(p.dtype)  # [N, M]
+                p_sel = p @ ov  # [B, Hk, T, M] overlap-weighted onto selection blocks
+        else:
+            o_cmp = torch.zeros_like(q)
+            p_sel = torch.zeros(b, self.hk, t, -(-t // c.sel_block), device=x.device)
+        sel = select_blocks(p_sel, c.sel_block, c.n_sel, c.n_init, c.n_local)  # [B, Hk, T, M]
+        tok = sel.repeat_interleave(c.sel_block, dim=-1)[..., :t] & causal  # [B, Hk, T, S]
+
+        # selected branch
+        k_s, v_s = self.slc(x)
+        k_s = apply_rope(k_s, cos, sin)
+        o_slc = attend(q, repeat_kv(k_s, g), repeat_kv(v_s, g), repeat_kv(tok, g), scale)  # [B, H, T, D]
+
+        # sliding window
+        k_w, v_w = self.win(x)
+        k_w = apply_rope(k_w, cos, sin)
+        band = causal & ~causal_mask(t, device=x.device).tril(-c.window)  # 0 <= t - s < w
+        o_win = attend(q, repeat_kv(k_w, g), repeat_kv(v_w, g), band, scale)
+
+        if self.force_gates is not None:
+            gates = torch.tensor(self.force_gates, dtype=x.dtype, device=x.device).view(1, 3, 1, 1, 1)
+        else:
+            gates = torch.sigmoid(self.gate(x)).view(b, t, 3, self.h).permute(0, 2, 3, 1)[..., None]  # [B,3,H,T,1]
+        if not self.fast_on:
+            gates = gates * torch.tensor([1.0, 0.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1, 1)
+        y = gates[:, 0] * o_cmp + gates[:, 1] * o_slc + gates[:, 2] * o_win  # [B, H, T, D]
+        y = y.transpose(1, 2).reshape(b, t, self.h * self.d)  # [B, T, H*D]
+        with torch.no_grad():
+            fine = (tok.any(1) | band).float().sum(-1)  # tokens seen by any head of the layer, per query
+            aux = {"stat.nsa_key_frac": (fine / causal.float().sum(-1)).mean()}
+            gm = gates.float().expand(b, 3, self.h, t, 1).mean(dim=(0, 2, 3, 4))
+            aux.update({f"stat.nsa_gate_{name}": gm[i] for i, name in enumerate(BRANCHES)})
+        return self.o_proj(y), aux
