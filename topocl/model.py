@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import topocl.attention  # noqa: F401  (registers the attention kinds)
+import topocl.moe  # noqa: F401  (registers the moe FFN)
 from topocl.attention.ops import rope_cache
 from topocl.config import ModelConfig
 from topocl.registry import ATTENTION, FFN

@@ -1,0 +1,60 @@
+"""MoE FFN: roles, routing, balance loss, fast-pathway switch, causality through the model."""
+
+import pytest
+import torch
+
+from topocl.config import ModelConfig, MoEConfig
+from topocl.model import GPT
+from topocl.moe import MoE, balance_loss
+
+
+def cfg(**kw) -> ModelConfig:
+    return ModelConfig(vocab_size=40, n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=40, ffn="moe",
+                       moe=MoEConfig(**kw))
+
+
+def test_balance_loss_is_minimal_for_uniform_routing():
+    e = 4
+    uniform = balance_loss(torch.full((8, e), 1 / e), torch.eye(e, dtype=torch.bool).repeat(2, 1))
+    assert uniform.item() == pytest.approx(1.0)
+    skewed_p = torch.tensor([[0.7, 0.1, 0.1, 0.1]]).repeat(8, 1)
+    skewed_c = torch.zeros(8, e, dtype=torch.bool)
+    skewed_c[:, 0] = True
+    assert balance_loss(skewed_p, skewed_c).item() == pytest.approx(4 * 0.7)
+
+
+def test_roles_routing_and_fast_pathway():
+    torch.manual_seed(0)
+    m = GPT(cfg(n_shared=1, n_routed=4, topk=2))
+    roles = set(m.param_roles().values())
+    assert {"ffn.shared_expert", "ffn.routed_expert", "ffn.router"} <= roles and "mlp" not in roles
+    x = torch.randint(0, 40, (2, 16))
+    out = m(x, x)
+    assert "loss.moe_balance" in out.aux and out.loss > out.lm_loss
+    moe = m.blocks[0].ffn
+    h = torch.randn(2, 5, 32)
+    moe.set_fast_pathway(False)
+    only_shared = moe(h)[0]
+    assert torch.allclose(only_shared, moe.shared[0](h))
+    moe.set_fast_pathway(True)
+    assert not torch.allclose(moe(h)[0], only_shared)
+
+
+def test_topk_equal_to_all_experts_is_the_probability_weighted_mixture():
+    torch.manual_seed(0)
+    moe = MoE(cfg(n_shared=0, n_routed=3, topk=3)).double()
+    h = torch.randn(1, 4, 32, dtype=torch.float64)
+    p = torch.softmax(moe.router(h), -1)
+    expect = sum(p[..., e:e + 1] * moe.experts[e](h) for e in range(3))
+    assert torch.allclose(moe(h)[0], expect, atol=1e-12)
+
+
+def test_moe_model_is_causal():
+    torch.manual_seed(0)
+    m = GPT(cfg()).double()
+    x = torch.randint(0, 40, (1, 20))
+    x2 = x.clone()
+    x2[:, 12:] = (x2[:, 12:] + 1) % 40
+    assert (m(x).logits[:, :12] - m(x2).logits[:, :12]).abs().max().item() <= 1e-12
+    with pytest.raises(ValueError, match="topk"):
+        MoE(cfg(topk=5))
