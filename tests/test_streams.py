@@ -33,29 +33,58 @@ def test_worlds_deterministic_and_contradict_the_base_facts():
 
 
 def test_worlds_controls_shared_attributes_vocab_and_global_overwrites():
-    ts = build_stream("worlds", {"n_worlds": 6, "shared_attributes": 2, "vocab_reuse": 0.5, "global_overwrites": 2})
+    ts = build_stream("worlds", {"n_worlds": 12, "shared_attributes": 2, "vocab_reuse": 0.5, "global_overwrites": 3})
     shared = [tuple(x[:2]) for x in ts[0].meta["rules"][:2]]
-    for t in ts:
+    for prev, t in zip(ts, ts[1:]):
         assert [tuple(x[:2]) for x in t.meta["rules"][:2]] == shared
+        assert all(a[2] != b[2] for a, b in zip(prev.meta["rules"][:2], t.meta["rules"][:2]))  # worlds disagree
     invented = [x for t in ts for x in t.meta["rules"] if x[3] is None]
     assert invented and all(x[0].startswith("a ") for x in invented)
-    updates = [p for t in ts for p in t.probes if p.kind == "update"]
-    overwrites = [t.meta["overwrite"] for t in ts if t.meta["overwrite"]]
-    assert len(overwrites) == 2 and len(updates) == 4  # canonical + unseen probe of each overwritten rule
-    for s, r, _v, j in overwrites:
-        assert any(p.tags["subject"] == s and p.tags["relation"] == r and p.introduced_at == j for p in updates)
+    # world-scoped rules never overwrite each other: without global rules every probe is `retain`
+    quiet = build_stream("worlds", {"n_worlds": 12, "shared_attributes": 2})
+    assert {p.kind for t in quiet for p in t.probes} == {"retain"}
+    overwrites = [(k, t.meta["overwrite"]) for k, t in enumerate(ts) if t.meta["overwrite"]]
+    assert len(overwrites) == 3
+    # oracle from the rules in meta: (task, scope, subject, relation, value) statements, in stream order
+    said = [(k, t.name, s, r, v) for k, t in enumerate(ts) for s, r, v, _ in t.meta["rules"]]
+    said += [(k, "*", s, r, v) for k, (s, r, v, _j) in overwrites]
+    for k, (s, r, v, j) in overwrites:
+        assert any(x[0] == s and x[1] == r and x[2] != v for x in ts[j].meta["rules"])
+        assert any("everywhere" in x or "every world" in x or "all the worlds" in x for x in ts[k].texts)
+        earlier = [p for p in ts[j].probes if (p.tags["subject"], p.tags["relation"]) == (s, r)]
+        assert len(earlier) == 2 and all(p.kind == "update" for p in earlier)  # overwriting is not forgetting
+    for k, t in enumerate(ts):
+        for p in t.probes:
+            w, s, r, v = p.tags["world"], p.tags["subject"], p.tags["relation"], p.answer.strip()
+            contradicted = any(m > k and (s2, r2) == (s, r) and v2 != v and (w2 == w or "*" in (w, w2))
+                               for m, w2, s2, r2, v2 in said)
+            assert p.kind == ("update" if contradicted else "retain"), p
 
 
 def test_campaign_sessions_delays_and_moves():
     ts = build_stream("campaign", {"sessions": 6, "changes": 2, "seed": 1})
-    assert len(ts) == 6 and sum(p.tags.get("type") == "rule" for p in ts[0].probes) == 3
+    assert len(ts) == 6 and sum(p.tags.get("type") == "rule" for p in ts[0].probes) == 6  # 3 rules x 2 forms
     for s, t in enumerate(ts):
         assert all(p.introduced_at == s for p in t.probes)
         for rule in ("magic is paid for with memories.", "spoken in rhyme.", "strongest at dawn."):
             assert any(rule in x for x in t.texts)  # the stable world rules hold in every session
-    assert sum(p.kind == "update" for t in ts for p in t.probes) == 4
     moves = [p for t in ts for p in t.probes if "moved_from" in p.tags]
-    assert len(moves) == 2 and all(int(p.tags["moved_from"]) < p.introduced_at for p in moves)
+    assert len(moves) == 4 and all(int(p.tags["moved_from"]) < p.introduced_at for p in moves)
+    assert sum(p.kind == "update" for t in ts for p in t.probes) == 4  # the two moved items' old places
+    for t in ts:
+        for p in t.probes:
+            assert p.answer in p.candidates and p.tags["session"] == str(p.introduced_at)
+            # a place probe is `update` iff the same item is later said to be kept somewhere else
+            if p.tags.get("ask") == "place":
+                later = [q for u in ts[p.introduced_at + 1:] for q in u.probes
+                         if q.tags.get("item") == p.tags["item"] and q.tags.get("ask") == "place"]
+                assert (p.kind == "update") == any(q.answer != p.answer for q in later)
+    # an item moved twice: both earlier places are updates, the last one is kept
+    many = build_stream("campaign", {"sessions": 3, "facts_per_session": 1, "changes": 2, "seed": 0})
+    place = [p for t in many for p in t.probes if p.tags.get("ask") == "place" and "paraphrase" not in p.tags
+             and p.tags["item"] == many[0].meta["facts"][0]["e"] + " " + many[0].meta["facts"][0]["i"]]
+    assert [(p.kind, p.introduced_at) for p in place] == [("update", 0), ("update", 1), ("retain", 2)]
+    assert len({p.answer for p in place}) == 3
 
 
 def test_unknown_option_is_a_config_error():
