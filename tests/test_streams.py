@@ -1,16 +1,20 @@
 """Task streams: determinism, real contradictions, update labelling, delays, jsonl errors, learnability."""
 
+import dataclasses
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
+import topocl
 from topocl.config import ConfigError, ModelConfig, TrainConfig
 from topocl.data import BatchSampler, pack_documents
 from topocl.evaluate import score_probes
 from topocl.model import GPT
 from topocl.optim import build_optimizer
+from topocl.tasks.base import PROBE_KINDS, Probe
 from topocl.tasks.jsonl import StreamError
 from topocl.tasks.streams import build_stream, cli, time_probes
 from topocl.tokenizer import Tokenizer
@@ -115,6 +119,24 @@ def test_jsonl_stream_and_its_errors(tmp_path):
     (d / "b.jsonl").write_text(json.dumps({"text": "z"}) + "\n{broken\n")
     with pytest.raises(StreamError, match=r"b.jsonl:2: invalid JSON"):
         build_stream("jsonl", {"path": str(d)})
+    (d / "b.jsonl").write_text(json.dumps({"text": "z"}) + "\n\n" + json.dumps({**task["probes"][0], "kind": "old"}))
+    with pytest.raises(StreamError, match=r"b.jsonl:3: field 'kind' must be one of"):
+        build_stream("jsonl", {"path": str(d)})
+    (d / "b.jsonl").write_text(json.dumps({"answer": " a", "candidates": [" a"]}) + "\n")
+    with pytest.raises(StreamError, match=r"b.jsonl:1: missing field 'prompt'"):
+        build_stream("jsonl", {"path": str(d)})
+    (d / "b.jsonl").write_text(json.dumps({"text": "z"}) + "\n")
+    a, b = build_stream("jsonl", {"path": str(d)})
+    assert (a.name, a.texts, b.name, b.probes) == ("a", ["x y"], "b", []) and a.probes[0].introduced_at == 0
+
+
+def test_schema_documents_what_the_validator_checks():
+    schema = json.loads((Path(topocl.__file__).parent / "schemas" / "stream.schema.json").read_text())
+    probe = schema["$defs"]["probe"]
+    assert schema["required"] == ["name", "texts", "probes"] and set(schema["properties"]) == set(schema["required"])
+    assert probe["required"] == ["prompt", "answer", "candidates"]
+    assert tuple(probe["properties"]["kind"]["enum"]) == PROBE_KINDS
+    assert set(probe["properties"]) == {f.name for f in dataclasses.fields(Probe)} - {"introduced_at"}
 
 
 def test_stream_show_cli(capsys):

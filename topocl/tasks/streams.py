@@ -7,7 +7,7 @@ import time
 import typing
 from collections import Counter
 
-from topocl.config import from_dict
+from topocl.config import from_dict, to_dict
 from topocl.registry import STREAMS
 from topocl.tasks import campaign, jsonl, worlds  # noqa: F401  (register the streams)
 from topocl.tasks.base import Task
@@ -25,11 +25,14 @@ def build_stream(name: str, options: dict | None = None) -> list[Task]:
 
 
 def summary(tasks: list[Task], examples: int = 2) -> str:
-    kinds = Counter(p.kind for t in tasks for p in t.probes)
-    n_probes = sum(len(t.probes) for t in tasks)
+    probes = [p for t in tasks for p in t.probes]
+    kinds = Counter(p.kind for p in probes)
+    paraphrase = Counter(p.tags.get("paraphrase", "-") for p in probes)
     lines = [f"{len(tasks)} tasks, {sum(len(t.texts) for t in tasks)} texts "
-             f"({sum(len(x) for t in tasks for x in t.texts) / 1000:.0f} kB), {n_probes} probes "
-             f"({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})", ""]
+             f"({sum(len(x) for t in tasks for x in t.texts) / 1000:.0f} kB), {len(probes)} probes "
+             f"({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})",
+             f"probes per task: {min(len(t.probes) for t in tasks)}..{max(len(t.probes) for t in tasks)}; "
+             f"paraphrase: {', '.join(f'{k} {v}' for k, v in sorted(paraphrase.items()))}", ""]
     for j, t in enumerate(tasks[:examples]):
         lines.append(f"task {j}: {t.name} — {len(t.texts)} texts, {len(t.probes)} probes")
         lines.append(f"  text:  {t.texts[0][:200]}")
@@ -37,6 +40,10 @@ def summary(tasks: list[Task], examples: int = 2) -> str:
             lines.append(f"  probe [{p.kind}] {p.prompt!r} -> {p.answer!r} of {p.candidates}")
     if len(tasks) > examples:
         lines.append(f"... {len(tasks) - examples} more tasks")
+    shown = {p.kind for t in tasks[:examples] for p in t.probes[:3]}
+    for kind in sorted(kinds.keys() - shown):  # one example of every kind not shown above
+        p = next(p for p in probes if p.kind == kind)
+        lines.append(f"example [{kind}] (task {p.introduced_at}) {p.prompt!r} -> {p.answer!r}  tags {p.tags}")
     return "\n".join(lines)
 
 
@@ -70,7 +77,9 @@ def cli(argv: list[str]) -> int:
     bad = [o for o in args.options if "=" not in o]
     if bad:
         raise ValueError(f"options must be key=value, got {bad}")
-    tasks = build_stream(args.name, opts)
+    cfg = stream_config(args.name, opts)
+    print(f"stream {args.name}: {', '.join(f'{k}={v!r}' for k, v in to_dict(cfg).items())}")
+    tasks = STREAMS.get(args.name)(cfg)
     print(summary(tasks))
     if args.time:
         secs, n = time_probes(tasks)
