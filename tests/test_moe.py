@@ -58,3 +58,36 @@ def test_moe_model_is_causal():
     assert (m(x).logits[:, :12] - m(x2).logits[:, :12]).abs().max().item() <= 1e-12
     with pytest.raises(ValueError, match="topk"):
         MoE(cfg(topk=5))
+
+
+def test_balance_loss_for_consistent_routing_is_at_least_one_and_one_only_when_uniform():
+    """When every token has the same router probabilities p and routes to its top-k, the loss is
+    E · mean of the top-k p ≥ E · mean(p) = 1, with equality only for uniform p."""
+    torch.manual_seed(0)
+    e, k = 6, 2
+    for _ in range(20):
+        p = torch.softmax(torch.randn(e) * 2, -1).expand(5, e)
+        chosen = torch.zeros(5, e, dtype=torch.bool).scatter_(-1, p.topk(k, -1).indices, True)
+        assert balance_loss(p, chosen).item() >= 1.0 + 1e-3
+        assert balance_loss(p, chosen).item() == pytest.approx(e * p[0].topk(k).values.mean().item())
+    p = torch.full((5, e), 1 / e)
+    assert balance_loss(p, torch.zeros(5, e, dtype=torch.bool).scatter_(-1, p.topk(k, -1).indices, True)).item() == (
+        pytest.approx(1.0))
+
+
+def test_balance_loss_alone_evens_out_a_collapsed_router():
+    torch.manual_seed(0)
+    moe = MoE(cfg(n_shared=1, n_routed=4, topk=1, balance_coeff=1.0))
+    with torch.no_grad():
+        moe.router.weight.normal_(0, 0.01)
+        moe.router.weight[0] += 0.5  # expert 0 wins for most tokens
+    h = torch.randn(512, 32) + 0.3  # positive mean: router row 0 scores highest for almost every token
+    before = moe(h[None])[1]["stat.moe_max_load"].item()
+    opt = torch.optim.Adam(moe.router.parameters(), lr=0.02)
+    for _ in range(100):
+        opt.zero_grad()
+        moe(h[None])[1]["loss.moe_balance"].backward()
+        opt.step()
+    aux = moe(h[None])[1]
+    assert before > 0.9 and aux["stat.moe_max_load"].item() < 0.35  # uniform top-1 of 4 = 0.25
+    assert aux["stat.moe_balance"].item() < 1.05

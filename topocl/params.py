@@ -9,12 +9,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+import torch
+
 from topocl.config import ModelConfig, PretrainConfig, load_config
 from topocl.model import GPT
 
 
 def count(cfg: ModelConfig) -> int:
-    return GPT(cfg).num_params()
+    """Total parameters of GPT(cfg), built on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        return GPT(cfg).num_params()
 
 
 def match_dense(cfg: ModelConfig, tolerance: float = 0.02) -> ModelConfig:
@@ -33,7 +37,8 @@ def match_dense(cfg: ModelConfig, tolerance: float = 0.02) -> ModelConfig:
 
 
 def table(cfg: ModelConfig) -> str:
-    m = GPT(cfg)
+    with torch.device("meta"):
+        m = GPT(cfg)
     total = m.num_params()
     lines = [f"{cfg.attention} / {cfg.ffn}: {total:,} parameters"]
     lines += [f"  {role:<22} {n:>12,}  {n / total:6.1%}" for role, n in m.params_by_role().items()]

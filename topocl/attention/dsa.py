@@ -11,8 +11,15 @@ Indexer: q_I from x, k_I = LayerNorm(W_k x) (one key per token), w = W_w x; NeoX
 detached inputs and learns only from the KL to the detached attention distribution of the routed heads,
 summed over heads and L1-normalised (Eq. 3 with `kl_support=dense`; Eq. 4 with `sparse`, where, as in
 Megatron, each head is renormalised inside the selected set before summing). `phase=warmup` keeps the
-attention dense while the indexer learns (DeepSeek's dense warm-up; freeze the other roles with
-`train.roles`), `phase=sparse` switches top-k on.
+attention dense while the indexer learns (DeepSeek's dense warm-up), `phase=sparse` switches top-k on.
+Which parameters train in a phase is optimizer role policy, not this module's business: DeepSeek's
+indexer-only warm-up of a trained dense model is `model.dsa.phase=warmup` plus lr_scale 0 for every other
+role (`train.roles.{embed,head,norm,mlp,attn.shared_heads,attn.routed_heads,attn.o}.lr_scale=0`); the
+from-scratch recipe (research note §4) is `phase=warmup` with all roles training, then `phase=sparse`.
+
+Stats: `dsa_key_frac` = kept / causal (query, key) pairs; `dsa_recall` = share of the attention's own
+top-k keys (routed heads' probabilities summed over heads) that the indexer's top-k contains (in warm-up
+too, where the indexer's picks are not used yet); `dsa_kl` = the KL before `kl_coeff`.
 
 Shape legend: B batch, T queries, S keys (= T), C d_model, Hs/Hr shared/routed query heads, D head dim,
 HI indexer heads, DI indexer dim.
@@ -145,7 +152,8 @@ class DSAttention(nn.Module):
         with torch.no_grad():
             p = torch.softmax(scores.masked_fill(~visible[:, None], float("-inf")), -1).sum(1)  # [B, T, S]
             own = topk_mask(p, self.topk, visible)  # the attention's own top-k
-            recall = (own & keep).sum() / own.sum()
+            picks = keep if self.phase == "sparse" else topk_mask(index, self.topk, visible)  # the indexer's top-k
+            recall = (own & picks).sum() / own.sum()
             frac = keep.sum() / visible.expand_as(keep).sum()
         aux = {"loss.dsa_kl": self.coeff * kl, "stat.dsa_kl": kl.detach(), "stat.dsa_key_frac": frac.float(),
                "stat.dsa_recall": recall.float()}

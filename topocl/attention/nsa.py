@@ -2,11 +2,19 @@
 
     o_t = Σ_{c ∈ {cmp, slc, win}} g_t^c · Attn(q_t, K_t^c, V_t^c)                         (Eq. 5)
     cmp: K̃_i = φ_K(k_{i·d : i·d+l} + pe_K), block i visible to t iff i·d + l − 1 ≤ t    (Eq. 7)
-    slc: p_cmp = softmax(q_t·K̃ᵀ) summed over the GQA group (Eq. 8, 10), mapped onto selection blocks of
-         length l' by overlap (Eq. 9), block 0 and the 2 most recent blocks forced, top-n blocks kept,
-         then token-level causal attention inside them (Eq. 11–12)
+    slc: p_cmp = softmax(q_t·K̃ᵀ) summed over the GQA group (Eq. 8, 10), mapped onto selection blocks by
+         overlap (Eq. 9): p_slc[j] = Σ_i p_cmp[i] · |[i·d, i·d+l) ∩ [j·l', (j+1)·l')| / l; the n_init first
+         blocks and the n_local most recent ones (the query's own block included) are forced, the rest of
+         the n blocks go to the top scores; token-level causal attention inside them (Eq. 11–12)
     win: the w most recent tokens, 0 ≤ t − s < w
     g   = sigmoid(W_g x), one gate per head and branch; init bias (−2, −2, +2) = window-dominated start
+
+Parameters and roles: `q_proj` (attn.q, shared by the three branches), `o_proj` (attn.o), `gate` (attn.gate),
+`cmp.*` + `cmp_phi_{k,v}.*` (attn.cmp: the compressed branch's own K/V projections, φ and intra-block PE),
+`slc.*` (attn.slc) and `win.*` (attn.win): independent K/V per branch (paper §3.3.3), so freezing a branch
+is clean. `reset_extra_parameters` (called after GPT's generic N(0, 0.02) init) sets the gate (weight 0,
+bias per `gate_init`), zeroes the intra-block PE and He-initialises φ so compressed keys keep the scale of
+the raw keys (with N(0, 0.02) the 2-layer φ shrinks them ~14x at l·D = 256 and block scores start near-uniform).
 
 Queries see no compressed block before the first block ends: that branch then returns 0 (fla convention).
 The compressed branch uses un-rotated q/k (the simplest RoPE policy, research note §4); selected and
@@ -79,7 +87,8 @@ class _KV(nn.Module):
 
 
 class Compressor(nn.Module):
-    """φ: a block of l keys (+ intra-block position embedding) -> one key. mlp: l·D -> l·D -> D (ReLU)."""
+    """φ: a block of l keys (+ intra-block position embedding) -> one key. mlp: l·D -> l·D -> D (ReLU),
+    shared by the KV heads; mean: mean pooling (no weights but the PE)."""
 
     def __init__(self, block: int, d: int, phi: str) -> None:
         super().__init__()
@@ -89,6 +98,14 @@ class Compressor(nn.Module):
             self.mlp = nn.Sequential(nn.Linear(block * d, block * d), nn.ReLU(), nn.Linear(block * d, d))
         elif phi != "mean":
             raise ValueError(f"nsa.phi={phi!r}: use mlp | mean")
+
+    def reset_parameters(self) -> None:
+        """PE 0; mlp: He init (ReLU layer std sqrt(2/fan_in), output std sqrt(1/fan_in)), zero biases."""
+        nn.init.zeros_(self.pe)
+        if self.phi == "mlp":
+            for lin, gain in ((self.mlp[0], 2.0), (self.mlp[2], 1.0)):
+                nn.init.normal_(lin.weight, std=(gain / lin.in_features) ** 0.5)
+                nn.init.zeros_(lin.bias)
 
     def forward(self, k: Tensor, stride: int) -> Tensor:
         """k [B, Hk, T, D] -> compressed [B, Hk, N, D]."""
@@ -106,6 +123,9 @@ class NSAttention(nn.Module):
         c = cfg.nsa
         if cfg.n_head % cfg.n_kv_head:
             raise ValueError(f"n_head={cfg.n_head} must be a multiple of n_kv_head={cfg.n_kv_head}")
+        if min(c.cmp_block, c.cmp_stride, c.sel_block, c.window) < 1:
+            raise ValueError(f"nsa sizes must be >= 1, got cmp_block={c.cmp_block}, cmp_stride={c.cmp_stride}, "
+                             f"sel_block={c.sel_block}, window={c.window}")
         if c.n_sel < c.n_init + c.n_local:
             raise ValueError(f"nsa.n_sel={c.n_sel} must cover the {c.n_init + c.n_local} forced blocks")
         self.c, self.h, self.hk, self.d = c, cfg.n_head, cfg.n_kv_head, cfg.hd
@@ -124,7 +144,9 @@ class NSAttention(nn.Module):
         nn.init.zeros_(self.gate.weight)
         bias = (-2.0, -2.0, 2.0) if self.c.gate_init == "window" else (0.0, 0.0, 0.0)
         with torch.no_grad():
-            self.gate.bias.copy_(torch.tensor(bias).repeat_interleave(self.h))
+            self.gate.bias.copy_(torch.tensor(bias).repeat_interleave(self.h))  # [3*H]: (branch, head) order
+        self.cmp_phi_k.reset_parameters()
+        self.cmp_phi_v.reset_parameters()
 
     def param_role(self, name: str) -> str:
         first = name.split(".")[0]
@@ -136,6 +158,24 @@ class NSAttention(nn.Module):
     def set_fast_pathway(self, enabled: bool) -> None:
         self.fast_on = enabled
 
+    @torch.no_grad()
+    def select(self, q_raw: Tensor, kc: Tensor | None, t: int) -> Tensor:
+        """bool [B, Hk, T, M]: selection blocks per query and KV group (Eq. 8-11), without gradient.
+        q_raw [B, H, T, D] un-rotated queries, kc [B, Hk, N, D] compressed keys (None when N = 0)."""
+        c, b = self.c, q_raw.shape[0]
+        m = -(-t // c.sel_block)
+        if kc is None:  # no complete compression block yet: only the forced blocks
+            p_sel = torch.zeros(b, self.hk, t, m, device=q_raw.device)
+        else:
+            n, g = kc.shape[2], self.h // self.hk
+            s = (q_raw @ repeat_kv(kc, g).transpose(-1, -2)) / math.sqrt(self.d)  # [B, H, T, N]
+            vis_c = cmp_visible(t, c.cmp_block, c.cmp_stride, q_raw.device)  # [T, N]
+            p = torch.softmax(s.masked_fill(~vis_c, float("-inf")), -1).nan_to_num(0.0)  # Eq. 8
+            p = p.view(b, self.hk, g, t, n).sum(2)  # [B, Hk, T, N] summed over the GQA group (Eq. 10)
+            ov = overlap_matrix(t, c.cmp_block, c.cmp_stride, c.sel_block, q_raw.device).to(p.dtype)  # [N, M]
+            p_sel = p @ ov  # [B, Hk, T, M] overlap-weighted onto selection blocks (Eq. 9)
+        return select_blocks(p_sel, c.sel_block, c.n_sel, c.n_init, c.n_local)
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         b, t, _ = x.shape
         c, g = self.c, self.h // self.hk
@@ -144,24 +184,16 @@ class NSAttention(nn.Module):
         q = apply_rope(q_raw, cos, sin)
         causal = causal_mask(t, device=x.device)  # [T, S]
 
-        # compressed branch (un-rotated)
+        # compressed branch (un-rotated q and k)
         k_c, v_c = self.cmp(x)  # [B, Hk, T, D]
-        n = n_cmp_blocks(t, c.cmp_block, c.cmp_stride)
-        if n > 0:
-            kc = repeat_kv(self.cmp_phi_k(k_c, c.cmp_stride), g)  # [B, H, N, D]
+        if n_cmp_blocks(t, c.cmp_block, c.cmp_stride) > 0:
+            kc = self.cmp_phi_k(k_c, c.cmp_stride)  # [B, Hk, N, D]
             vc = repeat_kv(self.cmp_phi_v(v_c, c.cmp_stride), g)  # [B, H, N, D]
             vis_c = cmp_visible(t, c.cmp_block, c.cmp_stride, x.device)  # [T, N]
-            o_cmp = attend(q_raw, kc, vc, vis_c, scale)  # [B, H, T, D]; rows with no block -> 0
-            with torch.no_grad():  # selection scores (Eq. 8-10), no gradient through the indices
-                s = (q_raw @ kc.transpose(-1, -2)) * scale  # [B, H, T, N]
-                p = torch.softmax(s.masked_fill(~vis_c, float("-inf")), -1).nan_to_num(0.0)
-                p = p.view(b, self.hk, g, t, n).sum(2)  # [B, Hk, T, N] summed over the GQA group
-                ov = overlap_matrix(t, c.cmp_block, c.cmp_stride, c.sel_block, x.device).to(p.dtype)  # [N, M]
-                p_sel = p @ ov  # [B, Hk, T, M] overlap-weighted onto selection blocks
+            o_cmp = attend(q_raw, repeat_kv(kc, g), vc, vis_c, scale)  # [B, H, T, D]; rows with no block -> 0
         else:
-            o_cmp = torch.zeros_like(q)
-            p_sel = torch.zeros(b, self.hk, t, -(-t // c.sel_block), device=x.device)
-        sel = select_blocks(p_sel, c.sel_block, c.n_sel, c.n_init, c.n_local)  # [B, Hk, T, M]
+            kc, o_cmp = None, torch.zeros_like(q)
+        sel = self.select(q_raw, kc, t)  # [B, Hk, T, M]
         tok = sel.repeat_interleave(c.sel_block, dim=-1)[..., :t] & causal  # [B, Hk, T, S]
 
         # selected branch
@@ -183,9 +215,8 @@ class NSAttention(nn.Module):
             gates = gates * torch.tensor([1.0, 0.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1, 1)
         y = gates[:, 0] * o_cmp + gates[:, 1] * o_slc + gates[:, 2] * o_win  # [B, H, T, D]
         y = y.transpose(1, 2).reshape(b, t, self.h * self.d)  # [B, T, H*D]
-        with torch.no_grad():
-            fine = (tok.any(1) | band).float().sum(-1)  # tokens seen by any head of the layer, per query
-            aux = {"stat.nsa_key_frac": (fine / causal.float().sum(-1)).mean()}
+        with torch.no_grad():  # fine tokens (selected ∪ window) per KV group / causal keys, summed over rows
+            aux = {"stat.nsa_key_frac": (tok | band).sum() / (causal.sum() * b * self.hk)}
             gm = gates.float().expand(b, 3, self.h, t, 1).mean(dim=(0, 2, 3, 4))
             aux.update({f"stat.nsa_gate_{name}": gm[i] for i, name in enumerate(BRANCHES)})
         return self.o_proj(y), aux
