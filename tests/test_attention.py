@@ -68,6 +68,19 @@ def test_exact_causality_float64(kind):
 
 
 @pytest.mark.parametrize("kind", MODELS)
+def test_prefix_forward_equals_the_full_forward(kind):
+    """Logits at t from x[:, :t+1] alone equal the full-length pass (parallel vs token-by-token, as in
+    lucidrains' test_inference): the selection may not depend on the sequence length (DSA's ReLU index
+    scores tie exactly, and torch.topk's tie order changed the picks with T)."""
+    torch.manual_seed(0)
+    m = GPT(cfg(kind)).double()
+    x = torch.randint(0, 40, (2, 33))
+    full = m(x).logits
+    for t in range(1, 33):
+        assert (m(x[:, :t]).logits - full[:, :t]).abs().max().item() <= 1e-12, t
+
+
+@pytest.mark.parametrize("kind", MODELS)
 def test_every_parameter_has_exactly_one_role(kind):
     m = GPT(cfg(kind))
     roles = m.param_roles()
@@ -189,6 +202,18 @@ def test_topk_mask_matches_a_sorting_reference():
             order = [int(s) for s in scores[b, h, t, : t + 1].argsort(descending=True)]
             expect = set(order[: int(kk[b, h, t, 0])])
             assert {int(s) for s in keep[b, h, t].nonzero().flatten()} == expect
+
+
+def test_topk_mask_ties_go_to_the_most_recent_keys_whatever_the_length():
+    scores = torch.tensor([[2.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]]).expand(8, 8)
+    for s in range(4, 9):  # the same rows seen with more (future, invisible) keys
+        keep = topk_mask(scores[:, :s], 3, causal_mask(8)[:, :s])
+        assert keep[3].nonzero().flatten().tolist() == [0, 2, 3]  # 2.0, 1.0, then the later of the tied zeros
+        if s > 5:
+            assert keep[5].nonzero().flatten().tolist() == [0, 3, 5]
+    ones = torch.ones(1, 5, dtype=torch.bool)
+    assert topk_mask(torch.zeros(1, 5), torch.tensor([[2]]), ones).tolist() == [[False, False, False, True, True]]
+    assert not topk_mask(torch.zeros(1, 5), torch.tensor([[0]]), ones).any()
 
 
 # ----------------------------------------------------------------------------- split

@@ -52,19 +52,25 @@ def topk_mask(scores: Tensor, k: int | Tensor, visible: Tensor) -> Tensor:
     int tensor broadcastable to [..., T, 1] (per-row budgets). Returns bool [..., T, S]: True at the
     kept keys, always a subset of `visible` (rows with fewer than k visible keys keep them all; the
     causal mask is re-applied after the scatter, so padding picks never leak the future).
-    Ties are broken by torch.topk's order. This is the op the `split` kind and head-split surgery share.
+    Ties at the k-th score go to the most recent keys, so the kept set depends only on the row's visible
+    scores: not on S, on later positions or on the device's topk order (ReLU index scores tie often;
+    with torch.topk's order a query's picks changed with the sequence length).
+    This is the op the `split` kind and head-split surgery share.
     """
     s = scores.shape[-1]
     kmax = int(k if isinstance(k, int) else k.max())
     kmax = max(1, min(kmax, s))
+    kk = torch.as_tensor(k, device=scores.device).clamp(max=kmax)
     masked = scores.masked_fill(~visible, float("-inf"))
-    idx = masked.topk(kmax, dim=-1).indices  # [..., T, kmax]
-    keep = torch.zeros_like(masked, dtype=torch.bool).scatter_(-1, idx, True)
-    if not isinstance(k, int):  # per-row budget: drop picks ranked >= k
-        rank = torch.arange(kmax, device=scores.device)
-        sel = (rank < k).expand_as(idx)  # [..., T, kmax]
-        keep = torch.zeros_like(keep).scatter_(-1, idx, sel)
-    return keep & visible
+    top = masked.topk(kmax, dim=-1).values  # [..., T, kmax], descending
+    kth = top.gather(-1, (kk - 1).clamp(min=0).expand(*top.shape[:-1], 1))  # [..., T, 1] the k-th score
+    above = masked > kth  # strictly better than the k-th: always kept (fewer than k of them)
+    tie = (masked == kth) & visible  # [..., T, S] candidates for the places left
+    left = kk - above.sum(-1, keepdim=True)  # [..., T, 1]
+    if bool((tie.sum(-1, keepdim=True) > left).any()):  # more tied keys than places in some row
+        rank = tie.flip(-1).cumsum(-1).flip(-1)  # 1 = the most recent tied key, 2 = the next, ...
+        tie = tie & (rank <= left)
+    return (above | tie) & visible & (kk > 0)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None = None) -> Tensor:
