@@ -18,7 +18,8 @@ from peft import inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from topocl.config import RolePolicy
+from topocl.config import ConfigError, RolePolicy
+from topocl.strategies.ewc import role_matches
 
 
 @dataclass
@@ -30,18 +31,23 @@ class LoRAConfig:
 
 
 def target_modules(model: nn.Module, roles: list[str]) -> list[str]:
-    """Names of the nn.Linear modules whose weight has one of `roles`."""
+    """Names of the nn.Linear modules whose weight has one of `roles` (exact, or a dotted prefix such as
+    "attn", as in train.roles)."""
     param_roles = model.param_roles()
     linear = {n: param_roles[f"{n}.weight"] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    names = [n for n, role in linear.items() if role in roles]
+    names = [n for n, role in linear.items() if role_matches(role, roles)]
     if not names:
-        raise ValueError(f"lora.roles={roles} match no linear layer; "
+        raise ConfigError(f"lora.roles={roles} match no linear layer; "
                          f"roles with linear layers: {sorted(set(linear.values()))}")
     return names
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
-    """Inject LoRA adapters (B = 0, so outputs are unchanged) on the linear layers of `cfg.roles`."""
+    """Inject LoRA adapters (B = 0, so outputs are unchanged) on the linear layers of `cfg.roles`, in place;
+    every other parameter gets requires_grad False."""
+    if cfg.r < 1 or cfg.alpha <= 0 or not 0 <= cfg.dropout < 1:
+        raise ConfigError(f"lora.r={cfg.r} must be >= 1, lora.alpha={cfg.alpha} > 0, lora.dropout={cfg.dropout} "
+                          "in [0, 1)")
     targets = target_modules(model, cfg.roles)
     pcfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets)
     model = inject_adapter_in_model(pcfg, model)

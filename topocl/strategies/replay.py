@@ -1,9 +1,12 @@
 """Experience replay: a reservoir buffer (Vitter's Algorithm R) over past tasks' sequences.
 
-After each task its rows enter the reservoir in a seeded random order: the n-th row seen (0-based)
-takes slot n while n < M, else replaces slot r ~ U{0..n} when r < M, so every row seen so far is in
-the buffer with probability M / (n + 1). During a task, `mix` replaces round(ratio * B) rows of each
-batch with buffer rows and round(base_ratio * B) with pretraining-corpus rows (REMIX-style).
+The buffer is filled at the end of each task (`after_task`), not while training, so it only ever holds
+*past* tasks' rows and is independent of the batch schedule: the task's rows enter in a seeded random
+order; the n-th row seen (0-based) takes slot n while n < M, else replaces slot r ~ U{0..n} when r < M,
+so every row seen so far is in the buffer with probability M / (n + 1).
+During a task, `mix` keeps the first B - k - kb rows of each batch and appends k = round(ratio * B)
+buffer rows and kb = round(base_ratio * B) pretraining-corpus rows (REMIX-style), drawn uniformly with
+replacement by a generator seeded from (seed, task, step): the same step gives the same batch on resume.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from topocl.config import ConfigError
 from topocl.registry import STRATEGIES
 from topocl.strategies.base import Strategy, StrategyContext
 
@@ -51,10 +55,13 @@ class Replay(Strategy):
 
     def __init__(self, cfg: ReplayConfig, ctx: StrategyContext) -> None:
         super().__init__(cfg, ctx)
-        if not 0 <= cfg.ratio + cfg.base_ratio <= 1:
-            raise ValueError(f"replay.ratio + replay.base_ratio must be in [0, 1], got {cfg.ratio + cfg.base_ratio}")
+        if cfg.buffer_size < 1:
+            raise ConfigError(f"replay.buffer_size={cfg.buffer_size} must be >= 1")
+        if cfg.ratio < 0 or cfg.base_ratio < 0 or cfg.ratio + cfg.base_ratio > 1:
+            raise ConfigError(f"replay.ratio={cfg.ratio} and replay.base_ratio={cfg.base_ratio} must be >= 0 "
+                              "with a sum <= 1")
         if cfg.base_ratio > 0 and ctx.base_rows is None:
-            raise ValueError("replay.base_ratio > 0 needs base-corpus rows (the run's eval_base=true)")
+            raise ConfigError("replay.base_ratio > 0 needs base-corpus rows (the run's eval_base=true)")
         self.buffer = Reservoir(cfg.buffer_size, ctx.seed)
         self.task = 0
 
@@ -64,16 +71,16 @@ class Replay(Strategy):
     def mix(self, batch: Tensor, step: int) -> Tensor:
         b = len(batch)
         k = round(self.cfg.ratio * b) if len(self.buffer) else 0
-        kb = round(self.cfg.base_ratio * b)
+        kb = min(round(self.cfg.base_ratio * b), b - k)  # both rounded up (e.g. 0.5 + 0.5 of 3 rows)
         if k + kb == 0:
             return batch
-        g = torch.Generator().manual_seed(self.ctx.seed * 1_000_003 + self.task * 10_007 + step)
+        g = torch.Generator().manual_seed((self.ctx.seed * 1_000_003 + self.task) * 1_000_003 + step)
         parts = [batch[: b - k - kb]]
         if k:
-            parts.append(self.buffer.items[torch.randint(0, len(self.buffer), (k,), generator=g)])
+            parts.append(self.buffer.items[torch.randint(0, len(self.buffer), (k,), generator=g)].to(batch.device))
         if kb:
             base = self.ctx.base_rows
-            parts.append(base[torch.randint(0, len(base), (kb,), generator=g)])
+            parts.append(base[torch.randint(0, len(base), (kb,), generator=g)].to(batch.device))
         return torch.cat(parts)
 
     def after_task(self, model, task_rows: Tensor, task_index: int) -> None:
