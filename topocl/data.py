@@ -4,36 +4,55 @@
     train_docs, val_docs = split_documents(docs, 0.05, seed)  # by document: none straddles the split
     rows = pack_documents(tok.encode_batch(train_docs), seq_len=128, bos_id=tok.bos_id)  # [N, 129]
     batch = rows[BatchSampler(len(rows), 32, seed).indices(step)]                        # [32, 129]
+    # x, y = batch[:, :-1], batch[:, 1:]
 
-Local corpora: plain text (documents separated by blank lines; for the TinyStories train sample, where a
-blank line can also separate paragraphs of one story, each paragraph becomes a document), JSONL with a
-text field, parquet with a text column, or a directory of such files (sorted). Malformed input raises
-CorpusError naming the file and line.
+Local corpora (`load_corpus`), one file or a directory of them (recursive, sorted by path, hidden files and
+folders skipped; with format=auto only .txt/.text/.jsonl/.parquet files are read, others are ignored):
+- plain text (.txt, .text): documents are separated by blank (whitespace-only) lines; trailing whitespace
+  of each line is dropped, line breaks inside a document are kept as "\\n". A blank line is always a
+  document boundary, so where a corpus also uses blank lines between paragraphs of one story (the
+  TinyStories train sample does), each paragraph becomes its own document.
+- JSONL (.jsonl): one JSON object per line with a string field `text_field`; blank lines are skipped.
+- parquet (.parquet): a string column `text_field`.
+Documents that are empty or whitespace-only are dropped. Malformed input raises CorpusError naming the
+file and the line (JSONL, text encoding) or row (parquet).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from topocl.config import DataConfig
 from topocl.tokenizer import Tokenizer
 
-SUFFIXES = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".json": "jsonl",
-            ".parquet": "parquet"}
+SUFFIXES = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".parquet": "parquet"}
+FORMATS = ("auto", "text", "jsonl", "parquet")
 
 
 class CorpusError(ValueError):
     """Malformed or empty corpus input; the message names the file (and line)."""
 
 
+def _decode(path: Path, data: bytes, line_offset: int = 0) -> str:
+    """UTF-8 (a leading byte-order mark is dropped); a bad byte is reported with its line."""
+    try:
+        return data.decode("utf-8-sig" if line_offset == 0 else "utf-8")
+    except UnicodeDecodeError as e:
+        line = line_offset + data[:e.start].count(b"\n") + 1
+        raise CorpusError(f"{path}:{line}: not valid UTF-8 (byte {data[e.start]:#04x})") from None
+
+
 def _read_text(path: Path) -> list[str]:
+    text = _decode(path, path.read_bytes()).replace("\r\n", "\n").replace("\r", "\n")
     docs, cur = [], []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.split("\n"):
         if line.strip():
             cur.append(line.rstrip())
         elif cur:
@@ -46,22 +65,22 @@ def _read_text(path: Path) -> list[str]:
 
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorpusError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise CorpusError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-            if text_field not in obj:
-                raise CorpusError(f"{path}:{n}: missing field '{text_field}' (fields: {', '.join(obj)})")
-            if not isinstance(obj[text_field], str):
-                raise CorpusError(f"{path}:{n}: field '{text_field}' must be a string, "
-                                  f"got {type(obj[text_field]).__name__}")
-            docs.append(obj[text_field])
+    for n, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        line = _decode(path, raw, line_offset=n - 1)
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CorpusError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise CorpusError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+        if text_field not in obj:
+            raise CorpusError(f"{path}:{n}: missing field '{text_field}' (fields: {', '.join(obj) or 'none'})")
+        if not isinstance(obj[text_field], str):
+            raise CorpusError(f"{path}:{n}: field '{text_field}' must be a string, "
+                              f"got {type(obj[text_field]).__name__}")
+        docs.append(obj[text_field])
     return docs
 
 
@@ -69,47 +88,68 @@ def _read_parquet(path: Path, text_field: str) -> list[str]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        columns = pq.read_schema(path).names
+        if text_field not in columns:
+            raise CorpusError(f"{path}: no column '{text_field}' (columns: {', '.join(columns)})")
+        values = pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
+    except CorpusError:
+        raise
     except Exception as e:  # pyarrow raises several types for corrupt files
         raise CorpusError(f"{path}: not a readable parquet file ({e})") from None
-    if text_field not in table.column_names:
-        raise CorpusError(f"{path}: no column '{text_field}' (columns: {', '.join(table.column_names)})")
-    values = table.column(text_field).to_pylist()
     for i, v in enumerate(values):
         if not isinstance(v, str):
-            raise CorpusError(f"{path}: row {i}: column '{text_field}' must be a string, got {type(v).__name__}")
+            raise CorpusError(f"{path}: row {i} (0-based): column '{text_field}' must be a string, "
+                              f"got {type(v).__name__}")
     return values
 
 
+def _corpus_files(path: Path, fmt: str) -> list[Path]:
+    if not path.is_dir():
+        return [path]
+    files = [p for p in path.rglob("*")
+             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+    if fmt == "auto":
+        files = [p for p in files if p.suffix.lower() in SUFFIXES]
+    if not files:
+        raise CorpusError(f"{path}: no corpus files (looked for {', '.join(SUFFIXES)})")
+    return sorted(files)
+
+
 def load_corpus(path: str | Path, fmt: str = "auto", text_field: str = "text", max_docs: int = 0) -> list[str]:
-    """Documents of a corpus file or directory; empty documents are dropped."""
+    """Documents of a corpus file or directory, in file order (see the module docstring for formats).
+    fmt: auto (by suffix) | text | jsonl | parquet; max_docs: keep the first max_docs documents (0 = all)."""
     path = Path(path)
+    if fmt not in FORMATS:
+        raise CorpusError(f"unknown corpus format '{fmt}' (data.format must be one of {', '.join(FORMATS)})")
+    if max_docs < 0:
+        raise CorpusError(f"max_docs={max_docs} must be >= 0 (0 = all documents)")
     if not path.exists():
         raise CorpusError(f"corpus not found: {path}")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES) if path.is_dir() else [path]
-    if not files:
-        raise CorpusError(f"{path}: no corpus files ({', '.join(sorted(SUFFIXES))})")
     docs: list[str] = []
-    for f in files:
-        kind = fmt if fmt != "auto" else SUFFIXES.get(f.suffix)
+    for f in _corpus_files(path, fmt):
+        kind = fmt if fmt != "auto" else SUFFIXES.get(f.suffix.lower())
         if kind == "text":
-            docs += _read_text(f)
+            new = _read_text(f)
         elif kind == "jsonl":
-            docs += _read_jsonl(f, text_field)
+            new = _read_jsonl(f, text_field)
         elif kind == "parquet":
-            docs += _read_parquet(f, text_field)
+            new = _read_parquet(f, text_field)
         else:
-            raise CorpusError(f"{f}: unknown format (suffix '{f.suffix}'); set data.format to text, jsonl or parquet")
+            raise CorpusError(f"{f}: unknown suffix '{f.suffix}' (known: {', '.join(SUFFIXES)}); "
+                              "set data.format to text, jsonl or parquet")
+        docs += [d for d in new if d.strip()]
         if max_docs and len(docs) >= max_docs:
             break
-    docs = [d for d in docs if d.strip()]
     if not docs:
         raise CorpusError(f"{path}: the corpus holds no documents")
     return docs[:max_docs] if max_docs else docs
 
 
 def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Deterministic split by document; at least one validation document when val_fraction > 0."""
+    """Deterministic split by document: round(val_fraction * n) random documents (at least one when
+    val_fraction > 0) go to validation; both parts keep the corpus order."""
+    if not 0 <= val_fraction < 1:
+        raise CorpusError(f"val_fraction={val_fraction} must be in [0, 1)")
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
     n_val = max(1, round(val_fraction * len(docs))) if val_fraction > 0 else 0
@@ -121,26 +161,37 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
 
 
 def pack_documents(token_lists: list[list[int]], seq_len: int, bos_id: int) -> torch.Tensor:
-    """Each document becomes [bos] + tokens; documents are concatenated in order and cut into rows of
-    seq_len + 1 tokens with stride seq_len (row i = stream[i*T : i*T + T + 1]), so every token after the
-    first is a target exactly once. The tail that does not fill a row is dropped. -> LongTensor [N, T+1]."""
-    stream = torch.tensor([t for toks in token_lists for t in (bos_id, *toks)], dtype=torch.long)
-    n = (len(stream) - 1) // seq_len
+    """Each document becomes [bos] + tokens; documents are concatenated in order into one stream and cut
+    into rows of seq_len + 1 tokens with stride seq_len (row i = stream[i*T : i*T + T + 1]; consecutive
+    rows share one token), so every token after the first is a target (row[1:]) exactly once. The tail
+    that does not fill a row is dropped. A row may span several documents: attention is not reset at a
+    BOS, the model learns to treat BOS as "a new document starts". -> LongTensor [N, T+1]."""
+    if seq_len < 1:
+        raise CorpusError(f"seq_len={seq_len} must be >= 1")
+    n_tok = sum(len(t) for t in token_lists) + len(token_lists)
+    stream = np.fromiter(itertools.chain.from_iterable(itertools.chain((bos_id,), t) for t in token_lists),
+                         dtype=np.int64, count=n_tok)  # [n_tok]
+    n = (n_tok - 1) // seq_len
     if n <= 0:
-        raise CorpusError(f"{len(stream)} tokens cannot fill one row of {seq_len + 1} tokens; "
-                          "use more text or a shorter data.seq_len")
-    idx = torch.arange(n)[:, None] * seq_len + torch.arange(seq_len + 1)[None]  # [N, T+1]
-    return stream[idx]
+        raise CorpusError(f"{n_tok} tokens ({len(token_lists)} documents) cannot fill one row of {seq_len + 1} "
+                          "tokens; use more text or a shorter data.seq_len")
+    idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None]  # [N, T+1]
+    return torch.from_numpy(stream[idx])
 
 
 class BatchSampler:
     """Rows of a batch as a pure function of (seed, step): global sample i = step * B + j lives in epoch
-    i // N at position i % N of that epoch's permutation. Rank r of W takes j in [r*B/W, (r+1)*B/W), so
-    W ranks together see exactly the single-process batch, and resuming needs only the step."""
+    e = i // N at position i % N of that epoch's permutation, randperm(N) seeded by (seed, e). Rank r of W
+    takes j in [r*B/W, (r+1)*B/W), so W ranks together see exactly the single-process batch, every row is
+    drawn exactly once per epoch, and resuming at step s needs only s."""
 
     def __init__(self, n_rows: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
         if n_rows <= 0:
-            raise ValueError("BatchSampler needs at least one row")
+            raise ValueError(f"BatchSampler needs at least one row (n_rows={n_rows})")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size={batch_size} must be positive")
+        if world_size <= 0 or not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         if batch_size % world_size:
             raise ValueError(f"batch_size={batch_size} is not divisible by world_size={world_size}")
         self.n, self.batch, self.seed, self.rank, self.world = n_rows, batch_size, seed, rank, world_size
@@ -155,22 +206,49 @@ class BatchSampler:
         return self._perms[epoch]
 
     def indices(self, step: int) -> torch.Tensor:
+        """LongTensor [batch_size // world_size]: this rank's row indices for `step` (>= 0)."""
+        if step < 0:
+            raise ValueError(f"step={step} must be >= 0")
         b = self.batch // self.world
-        i = step * self.batch + self.rank * b + torch.arange(b)  # global sample numbers
-        epochs = i // self.n
-        return torch.stack([self._perm(int(e))[int(p)] for e, p in zip(epochs, i % self.n)])
+        i = step * self.batch + self.rank * b + torch.arange(b)  # [b] global sample numbers
+        epochs, pos = i // self.n, i % self.n
+        out = torch.empty(b, dtype=torch.long)
+        for e in epochs.unique().tolist():
+            m = epochs == e
+            out[m] = self._perm(e)[pos[m]]
+        return out
 
 
 @dataclass
 class PreparedData:
     train: torch.Tensor  # [N_train, T+1]
-    val: torch.Tensor  # [N_val, T+1]
+    val: torch.Tensor  # [N_val, T+1]; [0, T+1] when val_fraction == 0
     tokenizer: Tokenizer
     stats: dict = field(default_factory=dict)
 
 
+def _pack_split(tok: Tokenizer, docs: list[str], seq_len: int, name: str) -> tuple[torch.Tensor, dict]:
+    toks = tok.encode_batch(docs)
+    try:
+        rows = pack_documents(toks, seq_len, tok.bos_id)
+    except CorpusError as e:
+        hint = " or a larger data.val_fraction" if name == "val" else ""
+        raise CorpusError(f"{name} split: {e}{hint}") from None
+    n_text = sum(len(t) for t in toks)
+    n_bytes = sum(len(d.encode()) for d in docs)
+    n_tok = n_text + len(docs)  # + one BOS per document
+    return rows, {"docs": len(docs), "tokens": n_tok, "text_tokens": n_text, "bytes": n_bytes, "rows": len(rows),
+                  "targets": rows.shape[0] * seq_len, "dropped_tokens": n_tok - 1 - rows.shape[0] * seq_len,
+                  "bytes_per_token": n_bytes / max(n_text, 1)}
+
+
 def prepare_data(cfg: DataConfig, seed: int, tokenizer: Tokenizer | None = None) -> PreparedData:
-    """Load (or generate) documents, split by document, train or reuse the tokenizer, encode and pack."""
+    """Load (or generate) documents, split by document, train the tokenizer on the training documents
+    only (unless `tokenizer` or cfg.tokenizer gives one), encode and pack both splits.
+
+    stats: corpus, docs, vocab_size, tokenizer (trained | given | path), seq_len, and per split
+    {docs, tokens (incl. one BOS per doc), text_tokens, bytes (UTF-8), rows, targets, dropped_tokens (tail),
+    bytes_per_token (bytes / text_tokens)}."""
     if cfg.corpus == "synthetic":
         from topocl.world import synthetic_corpus
 
@@ -178,15 +256,19 @@ def prepare_data(cfg: DataConfig, seed: int, tokenizer: Tokenizer | None = None)
     else:
         docs = load_corpus(cfg.corpus, cfg.format, cfg.text_field, cfg.max_docs)
     train_docs, val_docs = split_documents(docs, cfg.val_fraction, seed)
-    tok = tokenizer or (Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else Tokenizer.train(train_docs, cfg.vocab_size))
-    stats: dict = {"corpus": cfg.corpus, "docs": len(docs), "vocab_size": tok.vocab_size}
-    out = {}
-    for name, part in (("train", train_docs), ("val", val_docs)):
-        toks = tok.encode_batch(part)
-        out[name] = pack_documents(toks, cfg.seq_len, tok.bos_id)
-        n_tok = sum(len(t) + 1 for t in toks)
-        n_bytes = sum(len(d.encode()) for d in part)
-        stats[name] = {"docs": len(part), "tokens": n_tok, "bytes": n_bytes, "rows": len(out[name]),
-                       "dropped_tokens": n_tok - 1 - len(out[name]) * cfg.seq_len,
-                       "bytes_per_token": n_bytes / max(n_tok, 1)}
-    return PreparedData(out["train"], out["val"], tok, stats)
+    if tokenizer is not None:
+        tok, source = tokenizer, "given"
+    elif cfg.tokenizer:
+        tok, source = Tokenizer.load(cfg.tokenizer), cfg.tokenizer
+    else:
+        tok, source = Tokenizer.train(train_docs, cfg.vocab_size), "trained"
+    stats: dict = {"corpus": cfg.corpus, "docs": len(docs), "vocab_size": tok.vocab_size, "tokenizer": source,
+                   "seq_len": cfg.seq_len}
+    train, stats["train"] = _pack_split(tok, train_docs, cfg.seq_len, "train")
+    if val_docs:
+        val, stats["val"] = _pack_split(tok, val_docs, cfg.seq_len, "val")
+    else:
+        val = torch.empty(0, cfg.seq_len + 1, dtype=torch.long)
+        stats["val"] = {"docs": 0, "tokens": 0, "text_tokens": 0, "bytes": 0, "rows": 0, "targets": 0,
+                        "dropped_tokens": 0, "bytes_per_token": 0.0}
+    return PreparedData(train, val, tok, stats)
