@@ -3,6 +3,7 @@ dense with the same weights, gradcheck with the selection held fixed, one role p
 switch; then the per-kind promises (NSA block convention, gate isolation; DSA indexer, KL and gradient
 isolation; the shared top-k op), the tiny presets' sparsity and the parameter-matched dense control."""
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from topocl.params import count, match_dense
 from topocl.registry import ATTENTION
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "pretrain"
-KINDS = ["dense", "split", "nsa", "dsa"]
+KINDS = ["dense", "split", "nsa", "nsa_gather", "dsa"]  # nsa_gather = nsa with impl=gather (the fast path)
 MODELS = KINDS + ["moe"]  # "moe" = dense attention + moe FFN
 SMALL = {"split": SplitConfig(topk=3), "nsa": NSAConfig(cmp_block=4, cmp_stride=2, sel_block=4, n_sel=3, window=4),
          "dsa": DSAConfig(topk=4, index_heads=2, index_dim=8, index_rope_dim=4, shared_heads=2)}
@@ -29,6 +30,7 @@ ROLES = {"dense": {"attn.q", "attn.k", "attn.v", "attn.o", "mlp"},
          "nsa": {"attn.cmp", "attn.slc", "attn.win", "attn.gate", "attn.q", "attn.o", "mlp"},
          "dsa": {"attn.indexer", "attn.shared_heads", "attn.routed_heads", "attn.o", "mlp"},
          "moe": {"attn.q", "attn.k", "attn.v", "attn.o", "ffn.shared_expert", "ffn.routed_expert", "ffn.router"}}
+ROLES["nsa_gather"] = ROLES["nsa"]
 
 
 def cfg(kind: str, **kw) -> ModelConfig:
@@ -37,6 +39,8 @@ def cfg(kind: str, **kw) -> ModelConfig:
         kind = "dense"
     if kind in SMALL and kind not in kw:
         kw[kind] = SMALL[kind]
+    if kind == "nsa_gather":
+        kind, kw["nsa"] = "nsa", dataclasses.replace(kw.pop("nsa", SMALL["nsa"]), impl="gather")
     return ModelConfig(vocab_size=40, n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=40, attention=kind,
                        **kw)
 
@@ -48,7 +52,8 @@ def rope(t: int):
 
 def module(kind: str, **kw):
     torch.manual_seed(0)
-    return ATTENTION.get(kind)(cfg(kind, **kw)).double()
+    c = cfg(kind, **kw)
+    return ATTENTION.get(c.attention)(c).double()
 
 
 # ----------------------------------------------------------------------------- contract, every kind
@@ -116,6 +121,7 @@ def dense_twin(kind: str, m, c: ModelConfig, branch: str = "slc"):
 FULL = {"dense": {}, "split": {"split": SplitConfig(topk=64)},
         "nsa": {"nsa": NSAConfig(cmp_block=4, cmp_stride=2, sel_block=4, n_sel=4, window=16)},
         "dsa": {"dsa": DSAConfig(topk=64, index_heads=2, index_dim=8, index_rope_dim=4, shared_heads=2)}}
+FULL["nsa_gather"] = FULL["nsa"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -125,12 +131,13 @@ def test_full_budget_equals_dense_with_same_weights(kind):
     c = cfg(kind, **FULL[kind])
     x = torch.randn(2, t, 32, dtype=torch.float64)
     cos, sin = rope(t)
-    branches = [("slc", (0.0, 1.0, 0.0)), ("win", (0.0, 0.0, 1.0))] if kind == "nsa" else [("slc", None)]
+    nsa = kind.startswith("nsa")
+    branches = [("slc", (0.0, 1.0, 0.0)), ("win", (0.0, 0.0, 1.0))] if nsa else [("slc", None)]
     for branch, gates in branches:
         if gates is not None:
             m.force_gates = gates  # n·l' >= T selects every block; w >= T covers every key
         y, aux = m(x, cos, sin)
-        assert (y - dense_twin(kind, m, c, branch)(x, cos, sin)[0]).abs().max().item() <= 1e-12
+        assert (y - dense_twin("nsa" if nsa else kind, m, c, branch)(x, cos, sin)[0]).abs().max().item() <= 1e-12
         frac = [v.item() for k, v in aux.items() if k.endswith("key_frac")]
         assert frac == ([] if kind == "dense" else [1.0])
     if kind == "dsa":
@@ -143,7 +150,7 @@ def fix_selection(kind: str, m, t: int, monkeypatch) -> None:
     if kind == "split":
         keep = topk_mask(torch.rand(1, 2, t, t, generator=g), 3, causal_mask(t))
         monkeypatch.setattr(split_mod, "topk_mask", lambda *a, **k: keep)
-    elif kind == "nsa":
+    elif kind.startswith("nsa"):
         sel = nsa_mod.select_blocks(torch.rand(1, 2, t, -(-t // 4), generator=g, dtype=torch.float64), 4, 2, 1, 1)
         monkeypatch.setattr(m, "select", lambda *a, **k: sel)
     elif kind == "dsa":
@@ -321,6 +328,29 @@ def test_nsa_selection_matches_the_per_query_loop(sizes):
     q_raw = m.q_proj(x).view(2, t, 4, 8).transpose(1, 2)
     kc = m.cmp_phi_k(m.cmp(x)[0], m.c.cmp_stride)
     assert torch.equal(m.select(q_raw, kc, t), nsa_selection_by_loop(q_raw, kc, m.c, 2, t))
+
+
+@pytest.mark.parametrize("sizes", [dict(cmp_block=4, cmp_stride=2, sel_block=4, n_sel=3, window=4),
+                                   dict(cmp_block=4, cmp_stride=2, sel_block=8, n_sel=2, n_local=1, window=5),
+                                   dict(cmp_block=3, cmp_stride=1, sel_block=4, n_sel=4, n_init=0, n_local=0,
+                                        window=30)])
+def test_nsa_gather_path_matches_the_mask_path_forward_and_backward(sizes):
+    t = 23
+    ref = module("nsa", nsa=NSAConfig(**sizes))
+    fast = module("nsa_gather", nsa=NSAConfig(**sizes))
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, t, 32, dtype=torch.float64)
+    cos, sin = rope(t)
+    outs = []
+    for m in (ref, fast):
+        xi = x.clone().requires_grad_(True)
+        y, aux = m(xi, cos, sin)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        outs.append((y, aux, xi.grad, {n: p.grad for n, p in m.named_parameters()}))
+    (y0, a0, gx0, gp0), (y1, a1, gx1, gp1) = outs
+    assert (y0 - y1).abs().max().item() < 1e-12 and (gx0 - gx1).abs().max().item() < 1e-12
+    assert all((gp0[n] - gp1[n]).abs().max().item() < 1e-12 for n in gp0)
+    assert {k: v.item() for k, v in a0.items()} == pytest.approx({k: v.item() for k, v in a1.items()}, abs=1e-6)
 
 
 def test_nsa_compressed_branch_with_unit_blocks_is_causal_attention():

@@ -39,6 +39,7 @@ class NSAConfig:
     window: int = 128  # w: sliding window
     phi: str = "mlp"  # compression φ: mlp | mean
     gate_init: str = "window"  # window (bias -2/-2/+2, SWA-dominated start) | neutral (bias 0)
+    impl: str = "mask"  # mask (reference, [T, T] masks) | gather (selected blocks gathered, window unfolded)
 
 
 @dataclass

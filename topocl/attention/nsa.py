@@ -19,7 +19,10 @@ the raw keys (with N(0, 0.02) the 2-layer φ shrinks them ~14x at l·D = 256 and
 Queries see no compressed block before the first block ends: that branch then returns 0 (fla convention).
 The compressed branch uses un-rotated q/k (the simplest RoPE policy, research note §4); selected and
 window branches use RoPE. The block selection is computed without gradient (paper-faithful).
-Reference path: masked softmax over [B, H, T, S]; no fast path yet.
+Paths (`nsa.impl`): `mask` (reference) = masked softmax over [B, H, T, S] per branch; `gather` = the selected
+blocks gathered per query ([B, Hk, T, n·l', D]) and the window unfolded ([B, Hk, T, D, w]), so no branch
+builds a [T, T] tensor (the compressed branch is [T, N] in both). Both give the same outputs and gradients
+(tests); flex-attention / Triton kernels would slot in beside `gather`.
 
 Shape legend: B batch, T queries, S keys, N compression blocks, M selection blocks, C d_model,
 H query heads, Hk KV heads, G = H / Hk, D head dim, L = cmp_block.
@@ -30,6 +33,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from topocl.attention.ops import apply_rope, attend, causal_mask, repeat_kv, topk_mask
@@ -70,6 +74,59 @@ def select_blocks(p_sel: Tensor, sel_block: int, n_sel: int, n_init: int, n_loca
     forced = cand & ((blk < n_init) | ((own - blk >= 0) & (own - blk < n_local)))
     score = p_sel.masked_fill(forced, float("inf"))  # forced blocks outrank every score
     return topk_mask(score, n_sel, cand)
+
+
+def _softmax_attend(scores: Tensor, mask: Tensor, v: Tensor, eq: str) -> Tensor:
+    """Masked softmax over the last dim of scores (fp32 or better), then einsum `eq` with v."""
+    acc = torch.promote_types(scores.dtype, torch.float32)
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")).to(acc), -1).nan_to_num(0.0).to(v.dtype)
+    return torch.einsum(eq, probs, v)
+
+
+def selected_gather(q: Tensor, k: Tensor, v: Tensor, sel: Tensor, sel_block: int, n_sel: int, scale: float
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """Selected branch by gathering the chosen blocks (the fast path; equals the mask path).
+    q [B, H, T, D], k/v [B, Hk, T, D], sel bool [B, Hk, T, M] -> (o [B, H, T, D], block index [B, Hk, T, n],
+    valid [B, Hk, T, n]). Memory O(T·n·l'·D) instead of O(T²)."""
+    b, hk, t, m = sel.shape
+    d, g, n = q.shape[-1], q.shape[1] // hk, min(n_sel, m)
+    pick = sel.to(q.dtype).topk(n, dim=-1)  # the selected blocks first (value 1), filler (value 0) masked below
+    blk, valid = pick.indices, pick.values > 0  # [B, Hk, T, n]
+    flat = blk.reshape(b, hk, t * n, 1).expand(-1, -1, -1, sel_block * d)  # [B, Hk, T*n, L'*D]
+
+    def gather(x: Tensor) -> Tensor:
+        xb = F.pad(x, (0, 0, 0, m * sel_block - t)).reshape(b, hk, m, sel_block * d)  # [B, Hk, M, L'*D]
+        return xb.gather(2, flat).view(b, hk, t, n * sel_block, d)  # [B, Hk, T, n*L', D]
+
+    pos = (blk[..., None] * sel_block + torch.arange(sel_block, device=q.device)).flatten(-2)  # [B, Hk, T, n*L']
+    mask = valid.repeat_interleave(sel_block, dim=-1) & (pos <= torch.arange(t, device=q.device)[:, None])
+    qg = q.view(b, hk, g, t, d)  # [B, Hk, G, T, D]
+    scores = torch.einsum("bkgtd,bktsd->bkgts", qg, gather(k)) * scale  # [B, Hk, G, T, n*L']
+    o = _softmax_attend(scores, mask[:, :, None], gather(v), "bkgts,bktsd->bkgtd")  # [B, Hk, G, T, D]
+    return o.reshape(b, hk * g, t, d), blk, valid
+
+
+def window_band(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float) -> Tensor:
+    """Sliding-window branch over the w most recent keys by unfolding K/V (the fast path; equals the mask path).
+    q [B, H, T, D], k/v [B, Hk, T, D] -> [B, H, T, D]. Memory O(T·w·D)."""
+    b, hk, t, d = k.shape
+    g, w = q.shape[1] // hk, min(window, t)
+    kw = F.pad(k, (0, 0, w - 1, 0)).unfold(2, w, 1)  # [B, Hk, T, D, w]: keys t-w+1 .. t
+    vw = F.pad(v, (0, 0, w - 1, 0)).unfold(2, w, 1)  # [B, Hk, T, D, w]
+    pos = torch.arange(t, device=q.device)[:, None] - (w - 1) + torch.arange(w, device=q.device)  # [T, w]
+    scores = torch.einsum("bkgtd,bktdw->bkgtw", q.view(b, hk, g, t, d), kw) * scale  # [B, Hk, G, T, w]
+    o = _softmax_attend(scores, pos >= 0, vw, "bkgtw,bktdw->bkgtd")  # [B, Hk, G, T, D]
+    return o.reshape(b, hk * g, t, d)
+
+
+def fine_tokens_seen(blk: Tensor, valid: Tensor, sel_block: int, window: int) -> Tensor:
+    """Per query and KV group, |selected tokens ∪ window| from block indices [B, Hk, T, n] (no [T, T] mask)."""
+    t = blk.shape[2]
+    pos = torch.arange(t, device=blk.device)[:, None]  # [T, 1]
+    lo, hi = blk * sel_block, blk * sel_block + sel_block - 1  # [B, Hk, T, n] first / last token of each block
+    in_sel = (torch.minimum(hi, pos) - lo + 1).clamp(min=0) * valid  # causal tokens of each selected block
+    in_both = (torch.minimum(hi, pos) - torch.maximum(lo, pos - window + 1) + 1).clamp(min=0) * valid
+    return in_sel.sum(-1) + (pos[:, 0] + 1).clamp(max=window) - in_both.sum(-1)  # [B, Hk, T]
 
 
 class _KV(nn.Module):
@@ -126,6 +183,8 @@ class NSAttention(nn.Module):
         if min(c.cmp_block, c.cmp_stride, c.sel_block, c.window) < 1:
             raise ValueError(f"nsa sizes must be >= 1, got cmp_block={c.cmp_block}, cmp_stride={c.cmp_stride}, "
                              f"sel_block={c.sel_block}, window={c.window}")
+        if c.impl not in ("mask", "gather"):
+            raise ValueError(f"nsa.impl={c.impl!r}: use mask (reference) | gather")
         if c.n_sel < c.n_init + c.n_local:
             raise ValueError(f"nsa.n_sel={c.n_sel} must cover the {c.n_init + c.n_local} forced blocks")
         self.c, self.h, self.hk, self.d = c, cfg.n_head, cfg.n_kv_head, cfg.hd
@@ -182,7 +241,6 @@ class NSAttention(nn.Module):
         scale = 1.0 / math.sqrt(self.d)
         q_raw = self.q_proj(x).view(b, t, self.h, self.d).transpose(1, 2)  # [B, H, T, D]
         q = apply_rope(q_raw, cos, sin)
-        causal = causal_mask(t, device=x.device)  # [T, S]
 
         # compressed branch (un-rotated q and k)
         k_c, v_c = self.cmp(x)  # [B, Hk, T, D]
@@ -194,18 +252,22 @@ class NSAttention(nn.Module):
         else:
             kc, o_cmp = None, torch.zeros_like(q)
         sel = self.select(q_raw, kc, t)  # [B, Hk, T, M]
-        tok = sel.repeat_interleave(c.sel_block, dim=-1)[..., :t] & causal  # [B, Hk, T, S]
-
-        # selected branch
-        k_s, v_s = self.slc(x)
+        k_s, v_s = self.slc(x)  # selected branch
         k_s = apply_rope(k_s, cos, sin)
-        o_slc = attend(q, repeat_kv(k_s, g), repeat_kv(v_s, g), repeat_kv(tok, g), scale)  # [B, H, T, D]
-
-        # sliding window
-        k_w, v_w = self.win(x)
+        k_w, v_w = self.win(x)  # sliding window
         k_w = apply_rope(k_w, cos, sin)
-        band = causal & ~causal_mask(t, device=x.device).tril(-c.window)  # 0 <= t - s < w
-        o_win = attend(q, repeat_kv(k_w, g), repeat_kv(v_w, g), band, scale)
+        if c.impl == "gather":
+            o_slc, blk, valid = selected_gather(q, k_s, v_s, sel, c.sel_block, c.n_sel, scale)
+            o_win = window_band(q, k_w, v_w, c.window, scale)
+            with torch.no_grad():
+                seen = fine_tokens_seen(blk, valid, c.sel_block, c.window).sum()
+        else:  # reference: masked softmax over [B, H, T, S]
+            causal = causal_mask(t, device=x.device)  # [T, S]
+            tok = sel.repeat_interleave(c.sel_block, dim=-1)[..., :t] & causal  # [B, Hk, T, S]
+            o_slc = attend(q, repeat_kv(k_s, g), repeat_kv(v_s, g), repeat_kv(tok, g), scale)  # [B, H, T, D]
+            band = causal & ~causal_mask(t, device=x.device).tril(-c.window)  # 0 <= t - s < w
+            o_win = attend(q, repeat_kv(k_w, g), repeat_kv(v_w, g), band, scale)
+            seen = (tok | band).sum()
 
         if self.force_gates is not None:
             gates = torch.tensor(self.force_gates, dtype=x.dtype, device=x.device).view(1, 3, 1, 1, 1)
@@ -216,7 +278,7 @@ class NSAttention(nn.Module):
         y = gates[:, 0] * o_cmp + gates[:, 1] * o_slc + gates[:, 2] * o_win  # [B, H, T, D]
         y = y.transpose(1, 2).reshape(b, t, self.h * self.d)  # [B, T, H*D]
         with torch.no_grad():  # fine tokens (selected ∪ window) per KV group / causal keys, summed over rows
-            aux = {"stat.nsa_key_frac": (tok | band).sum() / (causal.sum() * b * self.hk)}
+            aux = {"stat.nsa_key_frac": seen / (t * (t + 1) // 2 * b * self.hk)}
             gm = gates.float().expand(b, 3, self.h, t, 1).mean(dim=(0, 2, 3, 4))
             aux.update({f"stat.nsa_gate_{name}": gm[i] for i, name in enumerate(BRANCHES)})
         return self.o_proj(y), aux
