@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from topocl.config import ConfigError, ModelConfig, TrainConfig
-from topocl.lora import LoRAConfig, apply_lora, lora_policy, merge_lora, target_modules
+from topocl.lora import LoRAConfig, apply_lora, has_lora, lora_policy, merge_lora, target_modules
 from topocl.model import GPT
 from topocl.optim import build_optimizer
 from topocl.train import train_steps
@@ -64,3 +64,11 @@ def test_only_lora_moves_under_the_training_loop_and_merge_gives_back_a_plain_gp
     fresh = tiny()
     fresh.load_state_dict(plain.state_dict())
     assert torch.allclose(fresh(x).logits, adapted, atol=1e-5)
+
+
+def test_has_lora_tracks_injection_and_merge():
+    m = tiny()
+    assert not has_lora(m)
+    m = apply_lora(m, LoRAConfig(roles=["mlp"]))
+    assert has_lora(m)
+    assert not has_lora(merge_lora(m))

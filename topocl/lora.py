@@ -56,6 +56,11 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     return model
 
 
+def has_lora(model: nn.Module) -> bool:
+    """Whether adapters are injected (the model is then still a GPT, with `base_layer`/`lora_*` names)."""
+    return any(isinstance(m, LoraLayer) for m in model.modules())
+
+
 def lora_policy(model: nn.Module) -> dict[str, RolePolicy]:
     """Role policies that train only the adapters."""
     return {r: RolePolicy(lr_scale=1.0 if r == "lora" else 0.0) for r in set(model.param_roles().values())}
