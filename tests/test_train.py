@@ -126,3 +126,10 @@ def test_non_finite_loss_stops_before_the_step(tiny_cfg):
             poison.step = r.step + 1
             before = {k: v.clone() for k, v in m.state_dict().items()}
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())  # bad step never applied
+
+
+def test_evaluate_loss_on_no_rows_reports_nothing(tiny_cfg):
+    from topocl.train import evaluate_loss
+
+    m, _, _ = make(tiny_cfg)
+    assert evaluate_loss(m, torch.zeros(0, 17, dtype=torch.long), None, batch_size=4, max_batches=2, device=CPU) == {}

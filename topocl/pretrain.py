@@ -208,8 +208,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
             if is_main():
                 last = evaluate_loss(model, data.val, token_bytes, batch_size=tr.batch_size,
                                      max_batches=tr.eval_batches, device=device, dtype=cfg.dtype)
-                _append_jsonl(out / "metrics.jsonl", {"step": r.step, "tokens": tokens_seen, **last})
-                bar.write(f"step {done}: val loss {last['val_loss']:.4f}  bits/byte {last.get('val_bpb', 0):.4f}")
+                if last:
+                    _append_jsonl(out / "metrics.jsonl", {"step": r.step, "tokens": tokens_seen, **last})
+                    bar.write(f"step {done}: val loss {last['val_loss']:.4f}  bits/byte {last.get('val_bpb', 0):.4f}")
         if done % tr.ckpt_every == 0 or done == tr.steps:
             if is_main():
                 save_checkpoint(ckpt_dir, done, model, opt, {"next_step": done, "tokens": tokens_seen},

@@ -150,10 +150,12 @@ def evaluate_loss(model: nn.Module, rows: Tensor, token_bytes: Tensor | None, *,
                   max_batches: int, device: torch.device, dtype: str = "auto") -> dict[str, float]:
     """Held-out next-token loss over the first `max_batches * batch_size` rows (deterministic), and exact
     bits per byte: sum of target NLL / ln 2 / sum of target bytes. Returns nats/token and bits/byte."""
+    rows = rows[: max_batches * batch_size] if max_batches > 0 else rows
+    if len(rows) == 0:
+        return {}  # no held-out data (val_fraction=0): report nothing rather than a fake 0
     was_training = model.training
     model.eval()
     nll_sum, n_tok, n_bytes = 0.0, 0, 0
-    rows = rows[: max_batches * batch_size] if max_batches > 0 else rows
     for i in range(0, len(rows), batch_size):
         mb = rows[i:i + batch_size].to(device)
         x, y = mb[:, :-1], mb[:, 1:]
