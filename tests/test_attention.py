@@ -425,10 +425,15 @@ def test_dsa_index_scores_match_the_explicit_loop():
             assert abs(got[0, t, s].item() - ref.item()) < 1e-12
 
 
-def test_dsa_gradient_isolation():
+@pytest.mark.parametrize("shared_heads", [0, 2])  # 0 = pure V3.2 DSA (every head routed)
+def test_dsa_gradient_isolation(shared_heads):
     torch.manual_seed(0)
-    m = GPT(cfg("dsa")).double()
+    m = GPT(cfg("dsa", dsa=DSAConfig(topk=4, index_heads=2, index_dim=8, index_rope_dim=4,
+                                     shared_heads=shared_heads))).double()
     x = torch.randint(0, 40, (2, 24))
+    x2 = x.clone()
+    x2[:, 12:] = (x[:, 12:] + 1) % 40
+    assert (m(x).logits[:, :12] - m(x2).logits[:, :12]).abs().max().item() <= 1e-12  # causal for either split
     out = m(x, x)
     out.lm_loss.backward(retain_graph=True)
     roles = m.param_roles()

@@ -58,6 +58,8 @@ def topk_mask(scores: Tensor, k: int | Tensor, visible: Tensor) -> Tensor:
     This is the op the `split` kind and head-split surgery share.
     """
     s = scores.shape[-1]
+    if isinstance(k, int) and k >= s:  # full budget: every visible key, no sort needed
+        return torch.broadcast_to(visible, scores.shape).clone()
     kmax = int(k if isinstance(k, int) else k.max())
     kmax = max(1, min(kmax, s))
     kk = torch.as_tensor(k, device=scores.device).clamp(max=kmax)
