@@ -1,19 +1,27 @@
-"""Attention forward+backward time and peak memory per kind, as ratios to dense SDPA, in one process.
+"""Attention forward+backward time and memory per kind, as ratios to dense SDPA, in one run.
 
     python benchmarks/attention.py [--seq 256 1024 4096] [--kinds split nsa nsa:gather dsa] [--batch 1]
                                    [--repeats 3] [--device cpu]
 
 One layer at d_model 256, 8 query heads, 2 KV heads (head dim 32); sparse sizes scale with T as in the
-research note (NSA l=16, d=8, l'=32, n=8, w=128; DSA k=T/8; split top 10%). Peak memory: CUDA allocator peak
-on GPU; on CPU, the bytes of the distinct storages saved for backward (autograd saved-tensor hooks), which is what the
-[B, H, T, T] mask path costs. Every kind runs its reference mask path, except `nsa:gather` (NSA's gather
-fast path: selected blocks gathered, window unfolded, no [T, T] tensor).
+research note (NSA l=16, d=8, l'=32, n=8, w=128; DSA k=T/8, 4 indexer heads of 64 dims; split: 1 of 2 KV
+groups keeps its top 10%). Every kind runs its reference mask path, except `nsa:gather` (NSA's fast path:
+selected blocks gathered per query in checkpointed chunks, window unfolded, no [T, T] tensor).
+
+Each (kind, T) runs in its own process, so memory figures do not leak between rows. Memory columns:
+`saved` = bytes of the distinct storages autograd saves for backward (what the [B, H, T, T] mask path
+costs; checkpointed chunks count only their inputs); `peak` = CUDA allocator peak on GPU, on CPU the rise
+of the process's peak resident set during the timed calls (includes the allocator's slack).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -32,7 +40,13 @@ def config(kind: str, t: int) -> ModelConfig:
                        split=SplitConfig(topk_frac=0.1))
 
 
-def measure(kind: str, t: int, batch: int, repeats: int, device: torch.device) -> tuple[float, int]:
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def measure(kind: str, t: int, batch: int, repeats: int, device: torch.device) -> dict[str, float]:
+    """{ms: median fwd+bwd time, saved: bytes saved for backward, peak: peak bytes} of one layer."""
     torch.manual_seed(0)
     cfg = config(kind, t)
     layer = ATTENTION.get(cfg.attention)(cfg).to(device)
@@ -40,17 +54,19 @@ def measure(kind: str, t: int, batch: int, repeats: int, device: torch.device) -
     x = torch.randn(batch, t, cfg.d_model, device=device, requires_grad=True)
     saved: dict[int, int] = {}
 
-    def pack(tensor):  # unique storages, so views and expanded tensors count once, at their real size
+    def pack(tensor):  # distinct storages, so views and expanded tensors count once, at their real size
         st = tensor.untyped_storage()
         saved[st.data_ptr()] = st.nbytes()
         return tensor
 
     times = []
+    base = rss_bytes()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
     for i in range(repeats + 1):
         saved.clear()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t_: t_):
             y, aux = layer(x, cos, sin)
@@ -60,8 +76,18 @@ def measure(kind: str, t: int, batch: int, repeats: int, device: torch.device) -
             torch.cuda.synchronize()
         if i:  # the first call warms up
             times.append(time.perf_counter() - t0)
-    mem = torch.cuda.max_memory_allocated() if device.type == "cuda" else sum(saved.values())
-    return statistics.median(times), mem
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base  # ru_maxrss is in KiB on Linux
+    return {"ms": 1000 * statistics.median(times), "saved": sum(saved.values()), "peak": max(peak, 0)}
+
+
+def in_subprocess(kind: str, t: int, args: argparse.Namespace) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--one", kind, str(t), "--batch", str(args.batch), "--repeats",
+           str(args.repeats), "--device", args.device]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -71,16 +97,22 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--one", nargs=2, metavar=("KIND", "T"), help=argparse.SUPPRESS)  # child process
     args = ap.parse_args()
-    dev = torch.device(args.device)
-    print(f"device {dev}, batch {args.batch}, fwd+bwd of one attention layer (median of {args.repeats})")
-    print(f"{'T':>6} {'kind':>10} {'ms':>9} {'x dense':>8} {'MiB':>9} {'x dense':>8}")
+    if args.one:
+        print(json.dumps(measure(args.one[0], int(args.one[1]), args.batch, args.repeats, torch.device(args.device))))
+        return
+    print(f"device {args.device}, batch {args.batch}, fwd+bwd of one attention layer (median of {args.repeats}), "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"{'T':>6} {'kind':>10} {'ms':>9} {'x dense':>8} {'saved MiB':>10} {'x dense':>8} {'peak MiB':>9} "
+          f"{'x dense':>8}")
     for t in args.seq:
-        base_t, base_m = measure("dense", t, args.batch, args.repeats, dev)
+        base = in_subprocess("dense", t, args)
         for kind in ["dense", *args.kinds]:
-            ms, mem = (base_t, base_m) if kind == "dense" else measure(kind, t, args.batch, args.repeats, dev)
-            print(f"{t:>6} {kind:>10} {1000 * ms:>9.1f} {ms / base_t:>8.2f} {mem / 2**20:>9.1f} {mem / base_m:>8.2f}",
-                  flush=True)
+            r = base if kind == "dense" else in_subprocess(kind, t, args)
+            print(f"{t:>6} {kind:>10} {r['ms']:>9.1f} {r['ms'] / base['ms']:>8.2f} {r['saved'] / 2**20:>10.1f} "
+                  f"{r['saved'] / base['saved']:>8.2f} {r['peak'] / 2**20:>9.1f} "
+                  f"{r['peak'] / max(base['peak'], 1):>8.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -334,11 +334,13 @@ def test_nsa_selection_matches_the_per_query_loop(sizes):
                                    dict(cmp_block=4, cmp_stride=2, sel_block=8, n_sel=2, n_local=1, window=5),
                                    dict(cmp_block=3, cmp_stride=1, sel_block=4, n_sel=4, n_init=0, n_local=0,
                                         window=30)])
-def test_nsa_gather_path_matches_the_mask_path_forward_and_backward(sizes):
+@pytest.mark.parametrize("chunk", [512, 8])  # 8: three checkpointed query chunks
+def test_nsa_gather_path_matches_the_mask_path_forward_and_backward(sizes, chunk):
     t = 23
     ref = module("nsa", nsa=NSAConfig(**sizes))
     fast = module("nsa_gather", nsa=NSAConfig(**sizes))
     fast.load_state_dict(ref.state_dict())
+    fast.gather_chunk = chunk
     x = torch.randn(2, t, 32, dtype=torch.float64)
     cos, sin = rope(t)
     outs = []

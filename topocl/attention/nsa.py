@@ -35,6 +35,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from topocl.attention.ops import apply_rope, attend, causal_mask, repeat_kv, topk_mask
 from topocl.config import ModelConfig
@@ -83,27 +84,42 @@ def _softmax_attend(scores: Tensor, mask: Tensor, v: Tensor, eq: str) -> Tensor:
     return torch.einsum(eq, probs, v)
 
 
-def selected_gather(q: Tensor, k: Tensor, v: Tensor, sel: Tensor, sel_block: int, n_sel: int, scale: float
-                    ) -> tuple[Tensor, Tensor, Tensor]:
+def _gathered_chunk(q: Tensor, kb: Tensor, vb: Tensor, blk: Tensor, valid: Tensor, t0: int, sel_block: int,
+                    scale: float) -> Tensor:
+    """Queries t0 .. t0+Tc−1 against their selected blocks. q [B, H, Tc, D], kb/vb [B, Hk, M, L'*D] (keys in
+    blocks), blk/valid [B, Hk, Tc, n] -> [B, H, Tc, D]."""
+    b, hk, tc, n = blk.shape
+    d = q.shape[-1]
+    flat = blk.reshape(b, hk, tc * n, 1).expand(-1, -1, -1, kb.shape[-1])  # [B, Hk, Tc*n, L'*D]
+    kg = kb.gather(2, flat).view(b, hk, tc, n * sel_block, d)  # [B, Hk, Tc, n*L', D]
+    vg = vb.gather(2, flat).view(b, hk, tc, n * sel_block, d)
+    pos = (blk[..., None] * sel_block + torch.arange(sel_block, device=q.device)).flatten(-2)  # [B, Hk, Tc, n*L']
+    mask = valid.repeat_interleave(sel_block, dim=-1) & (pos <= torch.arange(t0, t0 + tc, device=q.device)[:, None])
+    qg = q.reshape(b, hk, -1, tc, d)  # [B, Hk, G, Tc, D]
+    scores = torch.einsum("bkgtd,bktsd->bkgts", qg, kg) * scale  # [B, Hk, G, Tc, n*L']
+    o = _softmax_attend(scores, mask[:, :, None], vg, "bkgts,bktsd->bkgtd")  # [B, Hk, G, Tc, D]
+    return o.reshape(b, -1, tc, d)
+
+
+def selected_gather(q: Tensor, k: Tensor, v: Tensor, sel: Tensor, sel_block: int, n_sel: int, scale: float,
+                    chunk: int = 512) -> tuple[Tensor, Tensor, Tensor]:
     """Selected branch by gathering the chosen blocks (the fast path; equals the mask path).
     q [B, H, T, D], k/v [B, Hk, T, D], sel bool [B, Hk, T, M] -> (o [B, H, T, D], block index [B, Hk, T, n],
-    valid [B, Hk, T, n]). Memory O(T·n·l'·D) instead of O(T²)."""
+    valid [B, Hk, T, n]). Queries go in chunks of `chunk`; when T > chunk each chunk is checkpointed (its
+    gathered K/V are recomputed in backward), so memory is O(chunk·n·l'·D), never O(T²)."""
     b, hk, t, m = sel.shape
-    d, g, n = q.shape[-1], q.shape[1] // hk, min(n_sel, m)
+    d, n = q.shape[-1], min(n_sel, m)
     pick = sel.to(q.dtype).topk(n, dim=-1)  # the selected blocks first (value 1), filler (value 0) masked below
     blk, valid = pick.indices, pick.values > 0  # [B, Hk, T, n]
-    flat = blk.reshape(b, hk, t * n, 1).expand(-1, -1, -1, sel_block * d)  # [B, Hk, T*n, L'*D]
-
-    def gather(x: Tensor) -> Tensor:
-        xb = F.pad(x, (0, 0, 0, m * sel_block - t)).reshape(b, hk, m, sel_block * d)  # [B, Hk, M, L'*D]
-        return xb.gather(2, flat).view(b, hk, t, n * sel_block, d)  # [B, Hk, T, n*L', D]
-
-    pos = (blk[..., None] * sel_block + torch.arange(sel_block, device=q.device)).flatten(-2)  # [B, Hk, T, n*L']
-    mask = valid.repeat_interleave(sel_block, dim=-1) & (pos <= torch.arange(t, device=q.device)[:, None])
-    qg = q.view(b, hk, g, t, d)  # [B, Hk, G, T, D]
-    scores = torch.einsum("bkgtd,bktsd->bkgts", qg, gather(k)) * scale  # [B, Hk, G, T, n*L']
-    o = _softmax_attend(scores, mask[:, :, None], gather(v), "bkgts,bktsd->bkgtd")  # [B, Hk, G, T, D]
-    return o.reshape(b, hk * g, t, d), blk, valid
+    kb = F.pad(k, (0, 0, 0, m * sel_block - t)).reshape(b, hk, m, sel_block * d)  # [B, Hk, M, L'*D]
+    vb = F.pad(v, (0, 0, 0, m * sel_block - t)).reshape(b, hk, m, sel_block * d)
+    recompute = t > chunk and torch.is_grad_enabled()
+    outs = []
+    for t0 in range(0, t, chunk):
+        args = (q[:, :, t0:t0 + chunk], kb, vb, blk[:, :, t0:t0 + chunk], valid[:, :, t0:t0 + chunk], t0, sel_block,
+                scale)
+        outs.append(checkpoint(_gathered_chunk, *args, use_reentrant=False) if recompute else _gathered_chunk(*args))
+    return torch.cat(outs, dim=2), blk, valid
 
 
 def window_band(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float) -> Tensor:
@@ -198,6 +214,7 @@ class NSAttention(nn.Module):
         self.win = _KV(cfg.d_model, self.hk, self.d)
         self.fast_on = True
         self.force_gates: tuple[float, float, float] | None = None  # tests: inject (g_cmp, g_slc, g_win)
+        self.gather_chunk = 512  # queries per checkpointed chunk of the gather path
 
     def reset_extra_parameters(self) -> None:
         nn.init.zeros_(self.gate.weight)
@@ -257,7 +274,7 @@ class NSAttention(nn.Module):
         k_w, v_w = self.win(x)  # sliding window
         k_w = apply_rope(k_w, cos, sin)
         if c.impl == "gather":
-            o_slc, blk, valid = selected_gather(q, k_s, v_s, sel, c.sel_block, c.n_sel, scale)
+            o_slc, blk, valid = selected_gather(q, k_s, v_s, sel, c.sel_block, c.n_sel, scale, self.gather_chunk)
             o_win = window_band(q, k_w, v_w, c.window, scale)
             with torch.no_grad():
                 seen = fine_tokens_seen(blk, valid, c.sel_block, c.window).sum()
