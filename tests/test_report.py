@@ -1,30 +1,92 @@
-"""The report only reads artifacts and is deterministic: a golden report.md from a fixed fixture."""
+"""The report only reads artifacts and is deterministic: a golden report.md from a fixed fixture.
 
+The fixture is written by tests/fixtures/report/make_fixture.py. After an intended change to the report,
+regenerate the golden file and review its diff:
+    .venv/bin/topocl report tests/fixtures/report/{dense-vanilla,sparse-acft,dense-joint} --baseline dense-vanilla \
+        --out /tmp/golden && cp /tmp/golden/report.md tests/fixtures/report/golden_report.md
+"""
+
+import json
+import subprocess
+import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+import pytest
+
 from topocl.cli import main
-from topocl.report import write_report
+from topocl.report import fmt, write_report
 
 FIX = Path(__file__).parent / "fixtures" / "report"
-RUNS = [FIX / "dense-vanilla", FIX / "sparse-acft"]
+RUNS = [FIX / "dense-vanilla", FIX / "sparse-acft", FIX / "dense-joint"]
+PNGS = ("accuracy_matrix.png", "forgetting_curves.png", "seen_accuracy.png", "retention_by_delay.png",
+        "base_acc.png", "base_bpb.png")
 
 
-def test_golden_report(tmp_path):
-    path = write_report(RUNS, tmp_path, baseline="dense-vanilla")
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    return write_report(RUNS, out, baseline="dense-vanilla"), out
+
+
+def test_golden_report(rendered):
+    path, out = rendered
     assert path.read_text() == (FIX / "golden_report.md").read_text()
-    for png in ("accuracy_matrix.png", "forgetting_curves.png", "retention_by_delay.png", "base_acc.png",
-                "base_bpb.png"):
-        data = (tmp_path / png).read_bytes()
+    for png in PNGS:
+        assert f"]({png})" in path.read_text()
+        data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
+        img = plt.imread(out / png)
+        assert img.shape[0] > 300 and img.shape[1] > 500 and img[..., :3].std() > 0.05, png  # not blank
+
+
+def test_report_numbers_are_the_worked_example(rendered):
+    """dense-vanilla's first stream is the research note's worked example 2 (an intra-task collapse row in it
+    must be ignored), and dense-joint holds its a*; summary.json keeps per-stream values in (seed, order) order."""
+    _, out = rendered
+    s = json.loads((out / "summary.json").read_text())
+    r = s["dense-vanilla"]["retain"]["acc"]
+    expect = {"acc": 0.65, "bwt_gem": -0.18333, "fwt_gem": 0.08333, "forgetting_chaudhry": 0.2,
+              "forgetting_avalanche": 0.18333, "forgetting_mammoth": 0.21667, "bwt_all_pairs": -0.15,
+              "learning_acc": 0.7875, "avg_incremental_acc": 0.7125, "intransigence": 0.0425}
+    for name, value in expect.items():
+        assert r[name]["values"][0] == pytest.approx(value, abs=1e-4), name
+        assert r[name]["ci_low"] <= r[name]["mean"] <= r[name]["ci_high"] and r[name]["n"] == 4
+    assert s["sparse-acft"]["retain"]["acc"]["crossover"] == 1
+    assert s["dense-vanilla"]["update"]["acc"]["acc"]["values"][0] == pytest.approx((0.20 + 0.25) / 2)
+    assert s["sparse-acft"]["n"] == {"streams": 4, "finished": 4, "tasks": 4}
 
 
 def test_report_and_metrics_cli(tmp_path, capsys):
-    assert main(["report", *map(str, RUNS), "--out", str(tmp_path / "r")]) == 0
+    assert main(["report", *map(str, RUNS), "--baseline", "dense-vanilla", "--out", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
     assert "dense-vanilla" in out and "report:" in out and (tmp_path / "r" / "report.md").is_file()
-    assert main(["metrics", str(RUNS[0])]) == 0
-    import json
+    assert main(["metrics", *map(str, RUNS), "--baseline", "dense-vanilla"]) == 0
 
-    m = json.loads(capsys.readouterr().out)
-    assert {"acc", "bwt_gem", "forgetting_chaudhry", "forgetting_mammoth", "fwt_gem"} <= set(
-        m["dense-vanilla"]["retain"]["acc"])
+    def no_nan(c):
+        raise AssertionError(f"non-JSON constant {c}")
+
+    m = json.loads(capsys.readouterr().out, parse_constant=no_nan)
+    block = m["dense-vanilla"]["retain"]["acc"]
+    assert {"acc", "learning_acc", "avg_incremental_acc", "bwt_gem", "fwt_gem", "forgetting_chaudhry",
+            "forgetting_avalanche", "forgetting_mammoth", "intransigence", "retention_by_delay"} <= set(block)
+    assert m["sparse-acft"]["retain"]["acc"]["crossover"] == 1
+    assert set(m["dense-vanilla"]["base"]) == {"acc", "bpb"} and "base_ability" in m["dense-vanilla"]["base"]["bpb"]
+    assert m["dense-vanilla"]["cost"]["trainable_params"] == 958592 and len(m["dense-vanilla"]["cost"]["entries"]) == 4
+    assert block["acc"]["mean"] == pytest.approx(0.655)
+
+
+def test_errors_name_the_problem(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "missing")]) == 1
+    assert "is not a run directory" in capsys.readouterr().err
+    assert main(["report", str(RUNS[0]), "--baseline", "dense-vanila", "--out", str(tmp_path / "r")]) == 1
+    assert "'dense-vanila' is not among the runs" in capsys.readouterr().err
+    assert main(["report", str(RUNS[0]), str(RUNS[0]), "--out", str(tmp_path / "r")]) == 1
+    assert "duplicate of" in capsys.readouterr().err
+
+
+def test_fmt_and_no_torch():
+    assert fmt({"mean": -0.0001, "ci_low": -0.0002, "ci_high": 0.3, "n": 2}) == "0.000 [0.000, 0.300]"
+    assert fmt({"mean": 0.5, "ci_low": 0.5, "ci_high": 0.5, "n": 1}) == "0.500" and fmt(None) == "–"
+    code = "import sys, topocl.report, topocl.results, topocl.metrics, topocl.plots; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0, "reports must not import torch"

@@ -1,4 +1,8 @@
-"""Report figures (matplotlib, Agg). Each function reads summaries/matrices and writes one PNG."""
+"""Report figures (matplotlib, Agg). Each function reads a summary or matrices and writes one PNG.
+
+Matrices of several streams of one run are averaged cell by cell: column j is the j-th task in each
+stream's own training order, so with several task orders a column mixes tasks by position.
+"""
 
 from __future__ import annotations
 
@@ -9,28 +13,32 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from topocl.metrics import nanmean  # noqa: E402
+
+BASE_LABELS = {"acc": "base-probe accuracy", "em": "base-probe exact match", "nll": "base-probe NLL (nats)",
+               "bpb": "held-out base bits/byte"}
 
 
-def _mean_matrix(mats: list[list[list[float]]]) -> list[list[float]]:
-    rows, cols = len(mats[0]), len(mats[0][0])
-    out = []
-    for i in range(rows):
-        row = []
-        for j in range(cols):
-            vals = [m[i][j] for m in mats if not math.isnan(m[i][j])]
-            row.append(sum(vals) / len(vals) if vals else math.nan)
-        out.append(row)
-    return out
+def mean_matrix(mats: list[list[list[float]]]) -> list[list[float]]:
+    """Cell-wise mean (NaN-skipping) of same-shaped matrices."""
+    return [[nanmean(m[i][j] for m in mats) for j in range(len(mats[0][0]))] for i in range(len(mats[0]))]
 
 
-def heatmaps(mats: dict[tuple, list[list[float]]], path: Path) -> None:
-    runs = sorted({k[0] for k in mats})
-    n = len(runs)
+def _grid(n: int, w: float, h: float):
     cols = min(3, n)
-    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4.4 * cols, 3.8 * ((n + cols - 1) // cols)),
-                             squeeze=False, layout="constrained")
-    for ax, run in zip(axes.flat, runs):
-        R = _mean_matrix([m for k, m in sorted(mats.items()) if k[0] == run and len(m) == len(m[0]) + 1])
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False, layout="constrained")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    return fig, axes
+
+
+def heatmaps(runs: dict[str, list[list[float]]], path: Path) -> None:
+    """One accuracy-matrix heatmap per run: rows = after task (init first), columns = task."""
+    fig, axes = _grid(len(runs), 4.4, 3.8)
+    for ax, (run, R) in zip(axes.flat, runs.items()):
         im = ax.imshow(R, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_title(run, fontsize=9)
         ax.set_xlabel("task (training order)", fontsize=8)
@@ -41,24 +49,55 @@ def heatmaps(mats: dict[tuple, list[list[float]]], path: Path) -> None:
                     if not math.isnan(v):
                         ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
                                 color="white" if v < 0.6 else "black")
-        ax.set_xticks(range(len(R[0])))
-        ax.set_yticks(range(len(R)))
-        ax.set_yticklabels(["init"] + [str(i) for i in range(len(R) - 1)], fontsize=7)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
+        step = max(1, len(R[0]) // 12)
+        ax.set_xticks(range(0, len(R[0]), step))
+        ax.set_yticks(range(0, len(R), step))
+        ax.set_yticklabels(["init" if i == 0 else str(i - 1) for i in range(0, len(R), step)], fontsize=7)
+        ax.tick_params(axis="x", labelsize=7)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="retain accuracy")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _lines(series: dict[str, list[float]], path: Path, xlabel: str, ylabel: str, title: str,
-           x0: int = 0) -> None:
+def forgetting_curves(runs: dict[str, list[list[float]]], path: Path) -> None:
+    """Per run: each task's retain accuracy from when it is learned on (thin), and A_k, the mean over
+    the tasks seen so far (thick), against the number of tasks trained."""
+    fig, axes = _grid(len(runs), 4.4, 3.4)
+    cmap = plt.get_cmap("viridis")
+    for ax, (run, R) in zip(axes.flat, runs.items()):
+        t = len(R[0])
+        for j in range(t):
+            xs = list(range(j + 1, len(R)))
+            ax.plot(xs, [R[i][j] for i in xs], lw=0.9, marker="o", ms=2, alpha=0.75, color=cmap(j / max(t - 1, 1)))
+        xs = list(range(1, len(R)))
+        ax.plot([], [], lw=0.9, color=cmap(0.4), label="one task (darker = learned earlier)")
+        ax.plot(xs, [nanmean(R[k][:k]) for k in xs], lw=2.4, color="black", label="mean over seen tasks (A_k)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(run, fontsize=9)
+        ax.set_xlabel("tasks trained", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("retain accuracy", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    axes.flat[0].legend(fontsize=7, loc="lower left")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def lines(series: dict[str, list[float]], path: Path, xlabel: str, ylabel: str, title: str, x0: int = 0,
+          bands: dict[str, list[list[float]]] | None = None) -> None:
+    """One line per run, with an optional shaded [low, high] band per point."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for run, ys in sorted(series.items()):
-        ax.plot(range(x0, x0 + len(ys)), ys, marker="o", ms=3, label=run)
+    for run, ys in series.items():
+        xs = list(range(x0, x0 + len(ys)))
+        (line,) = ax.plot(xs, ys, marker="o", ms=3, label=run)
+        if bands and run in bands and any(lo != hi for lo, hi in bands[run]):
+            ax.fill_between(xs, [b[0] for b in bands[run]], [b[1] for b in bands[run]], color=line.get_color(),
+                            alpha=0.15, lw=0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -66,27 +105,37 @@ def _lines(series: dict[str, list[float]], path: Path, xlabel: str, ylabel: str,
     plt.close(fig)
 
 
-def render_all(summary: dict, mats: dict, out: Path) -> list[tuple[str, str]]:
-    """Write every figure that the data supports; returns (file name, title) pairs."""
+def render_all(summary: dict, mats: dict[tuple, list[list[float]]], out: Path) -> list[tuple[str, str]]:
+    """Write every figure the data supports; returns (file name, title) pairs in report order."""
     figs = []
-    if mats:
-        heatmaps(mats, out / "accuracy_matrix.png")
+    by_run: dict[str, list] = {}
+    for (run, _, _), R in sorted(mats.items()):
+        if len(R) == len(R[0]) + 1:
+            by_run.setdefault(run, []).append(R)
+    means = {run: mean_matrix(ms) for run, ms in by_run.items() if len({len(m) for m in ms}) == 1}
+    if means:
+        heatmaps(means, out / "accuracy_matrix.png")
         figs.append(("accuracy_matrix.png", "Accuracy matrices R[after task][task] (retain probes)"))
-    acc = {r: s["retain"]["acc"]["avg_acc_curve"] for r, s in summary.items() if "retain" in s}
-    if acc:
-        _lines(acc, out / "forgetting_curves.png", "tasks trained", "mean accuracy on tasks seen so far",
-               "Average accuracy on seen tasks (A_k)", x0=1)
-        figs.append(("forgetting_curves.png", "Average accuracy on seen tasks vs tasks trained"))
-    ret = {r: [s["retain"]["acc"]["retention_by_delay"][d] for d in sorted(s["retain"]["acc"]["retention_by_delay"])]
-           for r, s in summary.items() if "retain" in s}
-    if ret:
-        _lines(ret, out / "retention_by_delay.png", "delay (tasks since learned)", "accuracy",
-               "Retention vs delay")
+        forgetting_curves(means, out / "forgetting_curves.png")
+        figs.append(("forgetting_curves.png", "Forgetting curves: retain accuracy per task vs tasks trained"))
+    blocks = {r: s["retain"]["acc"] for r, s in summary.items() if "acc" in s.get("retain", {})}
+    if blocks:
+        lines({r: b["avg_acc_curve"] for r, b in blocks.items()}, out / "seen_accuracy.png", "tasks trained",
+              "mean retain accuracy on tasks seen so far", "Average accuracy on seen tasks A_k (95% CI band)", x0=1,
+              bands={r: b["avg_acc_curve_ci"] for r, b in blocks.items()})
+        figs.append(("seen_accuracy.png", "Average accuracy on seen tasks vs tasks trained, all runs"))
+        rbd = {r: [b["retention_by_delay"][d] for d in sorted(b["retention_by_delay"])] for r, b in blocks.items()}
+        lines({r: [x["mean"] for x in v] for r, v in rbd.items()}, out / "retention_by_delay.png",
+              "delay d (tasks trained since the task was learned)", "mean retain accuracy",
+              "Retention vs delay (95% CI band)", bands={r: [[x["ci_low"], x["ci_high"]] for x in v]
+                                                         for r, v in rbd.items()})
         figs.append(("retention_by_delay.png", "Retention vs delay"))
-    for metric, label in (("acc", "base-probe accuracy"), ("bpb", "held-out base bits/byte")):
-        base = {r: s["base"][metric]["curve"] for r, s in summary.items() if metric in s.get("base", {})}
-        if base:
-            _lines(base, out / f"base_{metric}.png", "after task (-1 = before CL)", label, f"Base ability: {label}",
-                   x0=-1)
-            figs.append((f"base_{metric}.png", f"Base ability over tasks: {label}"))
+    present = {m for s in summary.values() for m in s.get("base", {})}
+    for metric in [m for m in ("acc", "bpb") if m in present] or sorted(present):  # the rest is in summary.json
+        label = BASE_LABELS.get(metric, f"base {metric}")
+        curves = {r: s["base"][metric]["base_ability"]["curve"] for r, s in summary.items()
+                  if metric in s.get("base", {})}
+        lines(curves, out / f"base_{metric}.png", "after task (-1 = before continual training)", label,
+              f"Base ability: {label}", x0=-1)
+        figs.append((f"base_{metric}.png", f"Base ability over tasks: {label}"))
     return figs

@@ -1,9 +1,11 @@
-"""`topocl report RUN_DIR [RUN_DIR ...] [--out DIR]`: a comparison report that only reads artifacts.
+"""`topocl report RUN_DIR [RUN_DIR ...] [--out DIR] [--baseline RUN]`: a comparison report from artifacts only.
 
-Reads each run directory's results.jsonl, cost.json and config.yaml; writes report.md and PNGs:
-accuracy-matrix heatmaps, average accuracy on seen tasks vs tasks trained, retention vs delay, base
-ability over tasks, a table of all runs (mean ± 95% bootstrap CI over seeds x orders) and a cost table.
-Deterministic (fixed bootstrap seed), so a golden report can be tested.
+Reads each run directory's results.jsonl, cost.json, config.yaml and meta.json (when present) and
+writes report.md, summary.json and PNGs: accuracy-matrix heatmaps and forgetting curves per run,
+average accuracy on seen tasks, retention vs delay, base ability over tasks, a table of all runs
+(mean [95% bootstrap CI] over seeds x task orders) and a cost table. The bootstrap has a fixed seed,
+so the same artifacts give byte-identical report.md (tests/fixtures/report/golden_report.md).
+A run directory whose config.yaml says `reference: joint` is the joint reference for intransigence.
 """
 
 from __future__ import annotations
@@ -13,99 +15,135 @@ import json
 import math
 from pathlib import Path
 
-import yaml
+from topocl.results import ResultsError, json_safe, load_rows, matrices, read_run_dir, reference_runs, summarize
 
-from topocl.results import load_rows, matrices, summarize
-
-TABLE = [("acc", "ACC ↑"), ("learning_acc", "LA ↑"), ("bwt_gem", "BWT ↑"), ("forgetting_chaudhry", "F (Chaudhry) ↓"),
-         ("forgetting_mammoth", "F (Mammoth) ↓"), ("fwt_gem", "FWT ↑"), ("avg_incremental_acc", "Ā ↑")]
+RETAIN = [("acc", "ACC ↑"), ("learning_acc", "LA ↑"), ("bwt_gem", "BWT ↑"), ("forgetting_chaudhry", "F Chaudhry ↓"),
+          ("forgetting_mammoth", "F Mammoth ↓"), ("fwt_gem", "FWT ↑"), ("avg_incremental_acc", "Ā ↑"),
+          ("intransigence", "I ↓")]
 
 
 def fmt(s: dict | None, digits: int = 3) -> str:
+    """'mean [low, high]' (just the mean when n = 1); '–' when missing."""
     if not s or s.get("mean") is None or math.isnan(s["mean"]):
         return "–"
-    if s["n"] > 1:
-        return f"{s['mean']:.{digits}f} [{s['ci_low']:.{digits}f}, {s['ci_high']:.{digits}f}]"
-    return f"{s['mean']:.{digits}f}"
+
+    def f(x: float) -> str:
+        txt = f"{x:.{digits}f}"
+        return txt[1:] if txt.startswith("-") and not txt.strip("-0.") else txt  # no "-0.000"
+
+    return f"{f(s['mean'])} [{f(s['ci_low'])}, {f(s['ci_high'])}]" if s["n"] > 1 else f(s["mean"])
 
 
-def _describe(run_dir: Path) -> str:
-    p = run_dir / "config.yaml"
-    if not p.is_file():
+def describe(config: dict) -> str:
+    """One line naming the three axes (and a reference) from a run's config.yaml."""
+    if not config:
         return ""
-    c = yaml.safe_load(p.read_text()) or {}
-    parts = [f"strategies={'+'.join(c.get('strategies', []))}", f"adapter={c.get('adapter', 'none')}"]
-    roles = (c.get("train") or {}).get("roles") or {}
+    parts = [f"strategies={'+'.join(config.get('strategies') or [])}", f"adapter={config.get('adapter', 'none')}"]
+    roles = (config.get("train") or {}).get("roles") or {}
     if roles:
-        parts.append("roles: " + ", ".join(f"{r}×{v.get('lr_scale', 1)}" for r, v in sorted(roles.items())))
-    if c.get("reference", "none") != "none":
-        parts.append(f"reference={c['reference']}")
+        parts.append("roles: " + ", ".join(f"{r}×{(v or {}).get('lr_scale', 1)}" for r, v in sorted(roles.items())))
+    if config.get("reference", "none") != "none":
+        parts.append(f"reference={config['reference']}")
     return "; ".join(parts)
 
 
+def _bytes(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
 def terminal_table(summary: dict) -> str:
-    """A short plain-text table for the terminal."""
-    lines = [f"{'run':<24} {'ACC':>7} {'BWT':>7} {'F':>7} {'base acc':>9} {'base bpb':>9}"]
+    """A short plain-text table (means over seeds x orders) for the terminal; reads summary.json too."""
+    def cell(d: dict | None) -> str:
+        return f"{d['mean']:7.3f}" if d and d.get("mean") is not None and not math.isnan(d["mean"]) else f"{'–':>7}"
+
+    lines = [f"{'run':<24} {'n':>2} {'ACC':>7} {'BWT':>7} {'F':>7} {'stale':>7} {'base acc':>8} {'base bpb':>8}"]
     for run, s in summary.items():
-        r = s.get("retain", {}).get("acc", {})
-        b = s.get("base", {})
-        cell = lambda d: f"{d['mean']:7.3f}" if d else f"{'–':>7}"  # noqa: E731
-        lines.append(f"{run:<24} {cell(r.get('acc'))} {cell(r.get('bwt_gem'))} {cell(r.get('forgetting_chaudhry'))} "
-                     f"{cell(b.get('acc', {}).get('final')):>9} {cell(b.get('bpb', {}).get('final')):>9}")
+        r, u = s.get("retain", {}).get("acc", {}), s.get("update", {}).get("acc", {})
+        base = {m: b["base_ability"]["final"] for m, b in s.get("base", {}).items()}
+        lines.append(f"{run:<24} {s['n']['finished']:>2} {cell(r.get('acc'))} {cell(r.get('bwt_gem'))} "
+                     f"{cell(r.get('forgetting_chaudhry'))} {cell(u.get('acc'))} {cell(base.get('acc')):>8} "
+                     f"{cell(base.get('bpb')):>8}")
     return "\n".join(lines)
 
 
-def write_report(run_dirs: list[Path], out: Path, baseline: str | None = None) -> Path:
+def _tables(summary: dict, setups: dict, joint: str | None, baseline: str | None) -> list[str]:
+    md = ["## Retain probes (must still be known)", "",
+          "| run | setup | streams | " + " | ".join(h for _, h in RETAIN) + " | crossover |",
+          "|" + "---|" * (len(RETAIN) + 4)]
+    for run, s in summary.items():
+        r = s.get("retain", {}).get("acc", {})
+        if not baseline or run in (baseline, joint) or "acc" not in r:
+            cross = "–"
+        else:
+            cross = "never" if r.get("crossover") is None else f"after task {r['crossover']}"
+        md.append(f"| {run} | {setups.get(run, '')} | {s['n']['finished']}/{s['n']['streams']} | "
+                  + " | ".join(fmt(r.get(k)) for k, _ in RETAIN) + f" | {cross} |")
+    md += ["", "Streams = finished / started (seed, order) pairs; the CIs are over the finished ones. "
+           "ACC = final mean over tasks, LA = right after learning, BWT (GEM) < 0 = forgetting, F Chaudhry = best "
+           "earlier score minus final (can be < 0), F Mammoth = the same with the final row in the max (≥ 0), "
+           "FWT (GEM) vs the model before continual training, Ā = average incremental accuracy."]
+    md.append(f"I = intransigence, mean over k of a*_k − R_kk against the joint reference `{joint}`."
+              if joint else "I = intransigence: needs a joint reference run (config `reference: joint`).")
+    if baseline:
+        md.append(f"Crossover: first task after which the run's mean accuracy on seen tasks (A_k) exceeds "
+                  f"`{baseline}`'s and stays above to the end.")
+    md += ["", "## Update probes (deliberately contradicted later) and base ability", "",
+           "| run | update: learned (LA) ↑ | update: stale at end ↓ | base acc start → end | "
+           "base bits/byte start → end ↓ |", "|---|---|---|---|---|"]
+    for run, s in summary.items():
+        u, b = s.get("update", {}).get("acc", {}), s.get("base", {})
+        arrow = {m: f"{fmt(v['base_ability']['initial'])} → {fmt(v['base_ability']['final'])}" for m, v in b.items()}
+        md.append(f"| {run} | {fmt(u.get('learning_acc'))} | {fmt(u.get('acc'))} | {arrow.get('acc', '–')} | "
+                  f"{arrow.get('bpb', '–')} |")
+    md += ["", "Stale = the overwritten (old) answer is still the model's preferred candidate after the stream "
+           "(update probes are graded on the old answer, so a low final score means the update took)."]
+    return md
+
+
+def write_report(run_dirs: list[Path], out: Path, baseline: str | None = None, joint: str | None = None) -> Path:
+    """Render report.md + summary.json + PNGs into `out` from the artifacts in `run_dirs`."""
     from topocl import plots
 
-    out.mkdir(parents=True, exist_ok=True)
-    rows = load_rows(*run_dirs)
-    joint = next((r["run"] for r in rows if r["run"].endswith("joint")), None)
+    dirs = [read_run_dir(d) for d in run_dirs]
+    rows = load_rows(*[d["dir"] for d in dirs])  # also rejects the same rows passed twice
+    refs = reference_runs(dirs)
+    joint = joint or next((n for n, ref in sorted(refs.items()) if ref == "joint"), None)
+    names = {n for d in dirs for n in d["runs"]}
+    for name in (baseline, joint):
+        if name and name not in names:
+            raise ResultsError(f"run {name!r} is not among the runs {sorted(names)}")
     summary = summarize(rows, joint_run=joint, baseline_run=baseline)
-    runs = sorted(summary)
-    costs = {}
-    for d in run_dirs:
-        if (d / "cost.json").is_file():
-            name = {r["run"] for r in load_rows(d)}
-            costs[next(iter(name))] = json.loads((d / "cost.json").read_text())
-    md = ["# TopoCL comparison report", ""]
-    md.append(f"Runs: {len(runs)}. Scores are candidate accuracy on `retain` probes unless stated; "
-              "mean [95% bootstrap CI] over seeds × task orders. Metric definitions: `topocl/metrics.py`.")
-    md += ["", "| run | setup | " + " | ".join(h for _, h in TABLE) + " | stale (update) ↓ | base acc end | "
-           "base bits/byte start → end |", "|" + "---|" * (len(TABLE) + 5)]
-    setups = {d.name: _describe(d) for d in run_dirs}
-    for run in runs:
-        s = summary[run]
-        r = s.get("retain", {}).get("acc", {})
-        b = s.get("base", {})
-        bpb = b.get("bpb", {})
-        bpb_txt = f"{fmt(bpb.get('initial'))} → {fmt(bpb.get('final'))}" if bpb else "–"
-        md.append(f"| {run} | {setups.get(run, '')} | " + " | ".join(fmt(r.get(k)) for k, _ in TABLE)
-                  + f" | {fmt(s.get('update', {}).get('acc', {}).get('final'))} | "
-                  f"{fmt(b.get('acc', {}).get('final'))} | {bpb_txt} |")
-    if joint:
-        md += ["", f"Intransigence (vs joint reference `{joint}`): "
-               + ", ".join(f"{run} {fmt(summary[run]['retain']['acc'].get('intransigence'))}" for run in runs
-                           if "intransigence" in summary[run].get("retain", {}).get("acc", {}))]
-    if baseline:
-        md += ["", f"Crossover task vs `{baseline}` (first task after which the run's average accuracy stays above): "
-               + ", ".join(f"{run} {summary[run]['retain']['acc'].get('crossover')}" for run in runs
-                           if run != baseline and "retain" in summary[run])]
+    by_run = {n: d for d in dirs for n in d["runs"]}
+    setups = {n: describe(d["config"]) for n, d in by_run.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    md = ["# TopoCL comparison report", "",
+          f"Runs: {len(summary)} from {', '.join('`' + d['dir'].name + '`' for d in dirs)}. Scores are candidate "
+          "accuracy (`acc`), task-averaged; each cell is the mean [95% percentile-bootstrap CI, 2000 resamples, "
+          "seed 0] over seeds × task orders (the mean alone for one stream). Definitions: `topocl/metrics.py`; "
+          "every number is also in summary.json.", ""]
+    md += _tables(summary, setups, joint, baseline)
+    costs = {n: d["cost"] for n, d in by_run.items() if d["cost"]}
     if costs:
-        md += ["", "## Cost", "", "| run | trainable params | optimizer state | peak memory | step time | tokens |",
-               "|---|---|---|---|---|---|"]
-        for run in runs:
-            c = costs.get(run)
-            if c:
-                md.append(f"| {run} | {c['trainable_params']:,.0f} | {c['optimizer_state_bytes'] / 2**20:.2f} MiB | "
-                          f"{c['peak_memory_bytes'] / 2**20:.0f} MiB | {1000 * c['step_time_s']:.1f} ms | "
-                          f"{c['tokens']:,.0f} |")
+        md += ["", "## Cost", "", "Means per (seed, order) stream.", "",
+               "| run | device | trainable params | optimizer state | peak memory | step time | tokens | wall |",
+               "|---|---|---|---|---|---|---|---|"]
+        for run in summary:
+            if c := costs.get(run):
+                md.append(f"| {run} | {c['device']} | {c['trainable_params']:,.0f} | "
+                          f"{_bytes(c['optimizer_state_bytes'])} | {_bytes(c['peak_memory_bytes'])} | "
+                          f"{1000 * c['step_time_s']:.1f} ms | "
+                          f"{c['tokens']:,.0f} | {c['wall_s']:.1f} s |")
+    metas = {n: d["meta"] for n, d in by_run.items() if d["meta"]}
+    if metas:
+        keys = sorted({k for m in metas.values() for k, v in m.items() if isinstance(v, str | int | float)})
+        md += ["", "## Provenance (meta.json)", "", "| run | " + " | ".join(keys) + " |",
+               "|---" * (len(keys) + 1) + "|"]
+        md += [f"| {run} | " + " | ".join(str(metas[run].get(k, "–")) for k in keys) + " |" for run in metas]
     md += ["", "## Figures", ""]
-    mats = matrices(rows, "retain", "acc")
-    for name, title in plots.render_all(summary, mats, out):
+    for name, title in plots.render_all(summary, matrices(rows, "retain", "acc"), out):
         md.append(f"### {title}\n\n![{title}]({name})\n")
-    (out / "report.md").write_text("\n".join(md) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    (out / "report.md").write_text("\n".join(md).rstrip("\n") + "\n")
+    (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=1))
     return out / "report.md"
 
 
@@ -113,11 +151,13 @@ def cli(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="topocl report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path, help="continual run directories")
-    ap.add_argument("--out", type=Path, help="where to write (default: RUN_DIR/report for one run)")
+    ap.add_argument("--out", type=Path, help="where to write (default: RUN_DIR/report for one run, else "
+                                             "report/ next to the first run directory)")
     ap.add_argument("--baseline", help="run name of the dense baseline, for the crossover task")
+    ap.add_argument("--joint", help="run name of the joint reference (default: from config.yaml reference: joint)")
     args = ap.parse_args(argv)
-    out = args.out or (args.runs[0] / "report" if len(args.runs) == 1 else Path("report"))
-    path = write_report(args.runs, out, args.baseline)
+    out = args.out or (args.runs[0] / "report" if len(args.runs) == 1 else args.runs[0].parent / "report")
+    path = write_report(args.runs, out, args.baseline, args.joint)
     print(terminal_table(json.loads((out / "summary.json").read_text())))
     print(f"report: {path}")
     return 0
