@@ -70,6 +70,11 @@ def test_arms_run(pretrained, tmp_path, arm):
     assert len(matrices(rows)) == 1
 
 
+def test_lora_with_single_task_reference_resets_to_a_fresh_adapter(pretrained, tmp_path):
+    assert continual(pretrained, tmp_path / "s", "reference=single", config="tiny-dense-lora.yaml") == 0
+    assert len(matrices(load_rows(tmp_path / "s"))) == 1
+
+
 def test_lora_arm_trains_only_adapters(pretrained, tmp_path):
     assert continual(pretrained, tmp_path / "l", config="tiny-dense-lora.yaml") == 0
     cost = json.loads((tmp_path / "l" / "cost.json").read_text())

@@ -39,7 +39,7 @@ from topocl.checkpoint import latest_checkpoint, load_checkpoint, load_tensors, 
 from topocl.config import ConfigError, TrainConfig, load_config, save_config
 from topocl.data import BatchSampler, pack_documents
 from topocl.evaluate import score_probes
-from topocl.lora import LoRAConfig, apply_lora, lora_policy
+from topocl.lora import LoRAConfig, apply_lora, has_lora, lora_policy
 from topocl.optim import build_optimizer, optimizer_state_bytes, role_params
 from topocl.pretrain import load_run
 from topocl.registry import STRATEGIES
@@ -275,11 +275,10 @@ class StreamRun:
             s.after_task(self.model, rows, j)
 
     def reset_to_init(self) -> None:
-        base = getattr(self.model, "base_model", self.model)
-        if base is self.model:
-            self.model.load_state_dict(self.init_state)
-        else:  # LoRA: a fresh adapter on the initial weights
+        if has_lora(self.model):  # a fresh adapter on the initial weights
             self.model = self._adapt(load_run(self.cfg.init, self.device)[0])
+        else:
+            self.model.load_state_dict(self.init_state)
 
     def run(self, results: Path) -> dict:
         cfg = self.cfg
