@@ -1,12 +1,13 @@
 """Attention forward+backward time and memory per kind, as ratios to dense SDPA, in one run.
 
-    python benchmarks/attention.py [--seq 256 1024 4096] [--kinds split nsa nsa:gather dsa] [--batch 1]
+    python benchmarks/attention.py [--seq 256 1024 4096] [--kinds split nsa nsa:gather dsa dsa:gather] [--batch 1]
                                    [--repeats 3] [--device cpu]
 
 One layer at d_model 256, 8 query heads, 2 KV heads (head dim 32); sparse sizes scale with T as in the
 research note (NSA l=16, d=8, l'=32, n=8, w=128; DSA k=T/8, 4 indexer heads of 64 dims; split: 1 of 2 KV
-groups keeps its top 10%). Every kind runs its reference mask path, except `nsa:gather` (NSA's fast path:
-selected blocks gathered per query in checkpointed chunks, window unfolded, no [T, T] tensor).
+groups keeps its top 10%). Every kind runs its reference mask path, except `nsa:gather` / `dsa:gather` (the
+fast paths: selected blocks / top-k tokens gathered per query in checkpointed chunks, NSA's window unfolded;
+nothing O(T²) saved for backward).
 
 Each (kind, T) runs in its own process, so memory figures do not leak between rows. Memory columns:
 `saved` = bytes of the distinct storages autograd saves for backward (what the [B, H, T, T] mask path
@@ -36,7 +37,8 @@ def config(kind: str, t: int) -> ModelConfig:
     return ModelConfig(vocab_size=8, d_model=256, n_head=8, n_kv_head=2, max_seq_len=t, attention=kind,
                        nsa=NSAConfig(cmp_block=16, cmp_stride=8, sel_block=32, n_sel=8, window=128,
                                      impl=impl or "mask"),
-                       dsa=DSAConfig(topk=max(32, t // 8), index_heads=4, index_dim=64, index_rope_dim=32),
+                       dsa=DSAConfig(topk=max(32, t // 8), index_heads=4, index_dim=64, index_rope_dim=32,
+                                     impl=impl or "mask"),
                        split=SplitConfig(topk_frac=0.1))
 
 
@@ -93,7 +95,7 @@ def in_subprocess(kind: str, t: int, args: argparse.Namespace) -> dict[str, floa
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq", type=int, nargs="+", default=[256, 1024, 4096])
-    ap.add_argument("--kinds", nargs="+", default=["split", "nsa", "nsa:gather", "dsa"])
+    ap.add_argument("--kinds", nargs="+", default=["split", "nsa", "nsa:gather", "dsa", "dsa:gather"])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

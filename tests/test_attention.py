@@ -21,7 +21,7 @@ from topocl.params import count, match_dense
 from topocl.registry import ATTENTION
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "pretrain"
-KINDS = ["dense", "split", "nsa", "nsa_gather", "dsa"]  # nsa_gather = nsa with impl=gather (the fast path)
+KINDS = ["dense", "split", "nsa", "nsa_gather", "dsa", "dsa_gather"]  # *_gather = impl=gather (the fast paths)
 MODELS = KINDS + ["moe"]  # "moe" = dense attention + moe FFN
 SMALL = {"split": SplitConfig(topk=3), "nsa": NSAConfig(cmp_block=4, cmp_stride=2, sel_block=4, n_sel=3, window=4),
          "dsa": DSAConfig(topk=4, index_heads=2, index_dim=8, index_rope_dim=4, shared_heads=2)}
@@ -30,7 +30,7 @@ ROLES = {"dense": {"attn.q", "attn.k", "attn.v", "attn.o", "mlp"},
          "nsa": {"attn.cmp", "attn.slc", "attn.win", "attn.gate", "attn.q", "attn.o", "mlp"},
          "dsa": {"attn.indexer", "attn.shared_heads", "attn.routed_heads", "attn.o", "mlp"},
          "moe": {"attn.q", "attn.k", "attn.v", "attn.o", "ffn.shared_expert", "ffn.routed_expert", "ffn.router"}}
-ROLES["nsa_gather"] = ROLES["nsa"]
+ROLES["nsa_gather"], ROLES["dsa_gather"] = ROLES["nsa"], ROLES["dsa"]
 
 
 def cfg(kind: str, **kw) -> ModelConfig:
@@ -39,8 +39,9 @@ def cfg(kind: str, **kw) -> ModelConfig:
         kind = "dense"
     if kind in SMALL and kind not in kw:
         kw[kind] = SMALL[kind]
-    if kind == "nsa_gather":
-        kind, kw["nsa"] = "nsa", dataclasses.replace(kw.pop("nsa", SMALL["nsa"]), impl="gather")
+    if kind.endswith("_gather"):
+        kind = kind.removesuffix("_gather")
+        kw[kind] = dataclasses.replace(kw.pop(kind, SMALL[kind]), impl="gather")
     return ModelConfig(vocab_size=40, n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=40, attention=kind,
                        **kw)
 
@@ -121,7 +122,7 @@ def dense_twin(kind: str, m, c: ModelConfig, branch: str = "slc"):
 FULL = {"dense": {}, "split": {"split": SplitConfig(topk=64)},
         "nsa": {"nsa": NSAConfig(cmp_block=4, cmp_stride=2, sel_block=4, n_sel=4, window=16)},
         "dsa": {"dsa": DSAConfig(topk=64, index_heads=2, index_dim=8, index_rope_dim=4, shared_heads=2)}}
-FULL["nsa_gather"] = FULL["nsa"]
+FULL["nsa_gather"], FULL["dsa_gather"] = FULL["nsa"], FULL["dsa"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -137,10 +138,10 @@ def test_full_budget_equals_dense_with_same_weights(kind):
         if gates is not None:
             m.force_gates = gates  # n·l' >= T selects every block; w >= T covers every key
         y, aux = m(x, cos, sin)
-        assert (y - dense_twin("nsa" if nsa else kind, m, c, branch)(x, cos, sin)[0]).abs().max().item() <= 1e-12
+        assert (y - dense_twin(c.attention, m, c, branch)(x, cos, sin)[0]).abs().max().item() <= 1e-12
         frac = [v.item() for k, v in aux.items() if k.endswith("key_frac")]
         assert frac == ([] if kind == "dense" else [1.0])
-    if kind == "dsa":
+    if kind.startswith("dsa"):
         assert aux["stat.dsa_recall"].item() == 1.0
 
 
@@ -156,6 +157,9 @@ def fix_selection(kind: str, m, t: int, monkeypatch) -> None:
     elif kind == "dsa":
         keep = topk_mask(torch.rand(1, t, t, generator=g), 3, causal_mask(t))
         monkeypatch.setattr(m, "select", lambda index, visible: keep)
+    elif kind == "dsa_gather":  # one chunk: the index top-k (and the recall stat's) come from topk_mask
+        keep = topk_mask(torch.rand(1, t, t, generator=g), 3, causal_mask(t))
+        monkeypatch.setattr(dsa_mod, "topk_mask", lambda *a, **k: keep)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -427,11 +431,12 @@ def test_dsa_index_scores_match_the_explicit_loop():
             assert abs(got[0, t, s].item() - ref.item()) < 1e-12
 
 
+@pytest.mark.parametrize("impl", ["mask", "gather"])
 @pytest.mark.parametrize("shared_heads", [0, 2])  # 0 = pure V3.2 DSA (every head routed)
-def test_dsa_gradient_isolation(shared_heads):
+def test_dsa_gradient_isolation(shared_heads, impl):
     torch.manual_seed(0)
     m = GPT(cfg("dsa", dsa=DSAConfig(topk=4, index_heads=2, index_dim=8, index_rope_dim=4,
-                                     shared_heads=shared_heads))).double()
+                                     shared_heads=shared_heads, impl=impl))).double()
     x = torch.randint(0, 40, (2, 24))
     x2 = x.clone()
     x2[:, 12:] = (x[:, 12:] + 1) % 40
@@ -497,6 +502,32 @@ def test_dsa_phases():
     assert torch.allclose(y_warm, dense_twin("dsa", warm, cfg("dsa"))(x, cos, sin)[0], atol=1e-12)  # dense
     with pytest.raises(ValueError, match="phase"):
         module("dsa", dsa=DSAConfig(phase="later"))
+
+
+@pytest.mark.parametrize("shared_heads", [0, 2])
+@pytest.mark.parametrize("chunk", [512, 7])  # 7: four checkpointed query chunks
+def test_dsa_gather_path_matches_the_mask_path_forward_and_backward(shared_heads, chunk):
+    t = 23
+    dc = DSAConfig(topk=5, index_heads=2, index_dim=8, index_rope_dim=4, shared_heads=shared_heads)
+    ref = module("dsa", dsa=dc)
+    fast = module("dsa_gather", dsa=dc)
+    fast.load_state_dict(ref.state_dict())
+    fast.gather_chunk = chunk
+    x = torch.randn(2, t, 32, dtype=torch.float64)
+    cos, sin = rope(t)
+    outs = []
+    for m in (ref, fast):
+        xi = x.clone().requires_grad_(True)
+        y, aux = m(xi, cos, sin)
+        ((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum() + aux["loss.dsa_kl"]).backward()
+        outs.append((y, aux, xi.grad, {n: p.grad for n, p in m.named_parameters()}))
+    (y0, a0, gx0, gp0), (y1, a1, gx1, gp1) = outs
+    assert (y0 - y1).abs().max().item() < 1e-12 and (gx0 - gx1).abs().max().item() < 1e-12
+    assert all((gp0[n] - gp1[n]).abs().max().item() < 1e-12 for n in gp0)  # indexer grads (from the KL) too
+    assert {k: v.item() for k, v in a0.items()} == pytest.approx({k: v.item() for k, v in a1.items()}, abs=1e-9)
+    assert 0 < a1["stat.dsa_recall"].item() < 1 and a1["stat.dsa_kl"].item() > 0
+    with pytest.raises(ValueError, match="gather"):
+        module("dsa_gather", dsa=dataclasses.replace(dc, phase="warmup"))
 
 
 # ----------------------------------------------------------------------------- presets and the matched control

@@ -56,6 +56,7 @@ class DSAConfig:
     phase: str = "sparse"  # warmup (dense attention, only the indexer learns) | sparse
     kl_coeff: float = 1.0  # weight of the indexer KL in the total loss (indexer inputs are detached)
     kl_support: str = "sparse"  # sparse (Eq. 4, Megatron masking) | dense (Eq. 3)
+    impl: str = "mask"  # mask (reference, [T, T] masks) | gather (sparse phase: top-k keys gathered per query)
 
 
 @dataclass

@@ -17,6 +17,12 @@ indexer-only warm-up of a trained dense model is `model.dsa.phase=warmup` plus l
 role (`train.roles.{embed,head,norm,mlp,attn.shared_heads,attn.routed_heads,attn.o}.lr_scale=0`); the
 from-scratch recipe (research note §4) is `phase=warmup` with all roles training, then `phase=sparse`.
 
+Paths (`dsa.impl`): `mask` (reference) = masked softmax over [B, Hr, T, S], KL and stats on [B, T, S];
+`gather` (sparse phase with the Eq. 4 KL only) = per chunk of queries the routed heads attend over their
+gathered top-k keys and the KL is taken on those keys, so nothing O(T²) is kept for backward (the indexer
+scores and the recall stat still touch every causal key, without gradient). Same outputs, gradients and
+stats as `mask` (tests).
+
 Stats: `dsa_key_frac` = kept / causal (query, key) pairs; `dsa_recall` = share of the attention's own
 top-k keys (routed heads' probabilities summed over heads) that the indexer's top-k contains (in warm-up
 too, where the indexer's picks are not used yet); `dsa_kl` = the KL before `kl_coeff`.
@@ -31,7 +37,9 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
+from topocl.attention import ops
 from topocl.attention.ops import apply_rope, attend, causal_mask, repeat_kv, rope_cache, sdpa_causal, topk_mask
 from topocl.config import ModelConfig
 from topocl.registry import ATTENTION
@@ -59,14 +67,27 @@ class Indexer(nn.Module):
         pe = apply_rope(x[..., : self.rd], self.cos[:t], self.sin[:t])  # RoPE part first ([pe ; nope])
         return torch.cat([pe, x[..., self.rd:]], dim=-1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Index scores I [B, T, S] (before any mask) from detached x [B, T, C]."""
+    def parts(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """From detached x [B, T, C]: q_I [B, HI, T, DI] and k_I [B, S, DI] (RoPE on the first dims), and the
+        head weights w [B, T, HI] with DeepSeek's H_I^-½·d_I^-½ folded in."""
         b, t, _ = x.shape
         q = self._rope(self.q(x).view(b, t, self.h, self.d).transpose(1, 2))  # [B, HI, T, DI]
         k = self._rope(self.k_norm(self.k(x)))  # [B, S, DI]
-        w = self.w(x) * (self.h ** -0.5 * self.d ** -0.5)  # [B, T, HI]
-        dots = torch.relu(q @ k[:, None].transpose(-1, -2))  # [B, HI, T, S]
-        return torch.einsum("bhts,bth->bts", dots, w)  # Σ_h w[t,h] ReLU(q·k)
+        return q, k, self.w(x) * (self.h ** -0.5 * self.d ** -0.5)
+
+    @staticmethod
+    def scores(q: Tensor, k: Tensor, w: Tensor) -> Tensor:
+        """I = Σ_h w[t,h] ReLU(q[t,h]·k[s]). k [B, S, DI] -> I [B, T, S]; k gathered per query [B, T, J, DI]
+        -> I [B, T, J] at those keys only."""
+        if k.dim() == 3:
+            dots = torch.relu(q @ k[:, None].transpose(-1, -2))  # [B, HI, T, S]
+            return torch.einsum("bhts,bth->bts", dots, w)
+        dots = torch.relu(torch.einsum("bhtd,btjd->bhtj", q, k))  # [B, HI, T, J]
+        return torch.einsum("bhtj,bth->btj", dots, w)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Index scores I [B, T, S] (before any mask) from detached x [B, T, C]."""
+        return self.scores(*self.parts(x))
 
 
 class _Heads(nn.Module):
@@ -97,6 +118,24 @@ def indexer_kl(scores: Tensor, index: Tensor, support: Tensor) -> Tensor:
     return kl.sum(-1).mean()
 
 
+def gather_tokens(x: Tensor, pick: Tensor) -> Tensor:
+    """x [B, Hk, S, D] at the keys pick [B, T, J] (shared by the heads) -> [B, Hk, T, J, D]."""
+    b, hk, _, d = x.shape
+    t, j = pick.shape[1:]
+    idx = pick[:, None].expand(b, hk, t, j).reshape(b, hk, t * j, 1).expand(-1, -1, -1, d)  # [B, Hk, T*J, D]
+    return x.gather(2, idx).view(b, hk, t, j, d)
+
+
+def attend_tokens(q: Tensor, k: Tensor, v: Tensor, pick: Tensor, valid: Tensor, scale: float) -> Tensor:
+    """Routed heads over their gathered keys.
+    q [B, Hr, T, D], k/v [B, Hk, S, D], pick/valid [B, T, J] -> [B, Hr, T, D]."""
+    b, hk, _, d = k.shape
+    t = q.shape[2]
+    o = ops.attend_gathered(q.reshape(b, hk, -1, t, d), gather_tokens(k, pick), gather_tokens(v, pick),
+                            valid[:, None, None], scale)  # [B, Hk, G, T, D]
+    return o.reshape(b, -1, t, d)
+
+
 @ATTENTION.register("dsa")
 class DSAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
@@ -109,13 +148,18 @@ class DSAttention(nn.Module):
         if c.phase not in ("warmup", "sparse") or c.kl_support not in ("dense", "sparse"):
             raise ValueError(f"dsa.phase must be warmup|sparse and dsa.kl_support dense|sparse, got "
                              f"{c.phase!r}, {c.kl_support!r}")
+        if c.impl not in ("mask", "gather") or (c.impl == "gather" and (c.phase, c.kl_support) != ("sparse",
+                                                                                                 "sparse")):
+            raise ValueError(f"dsa.impl={c.impl!r}: use mask (reference) | gather (needs phase=sparse and "
+                             f"kl_support=sparse: dense attention or a dense KL needs every key anyway)")
         ks = c.shared_heads // g
         self.shared = _Heads(cfg.d_model, c.shared_heads, ks, cfg.hd) if c.shared_heads else None
         self.routed = _Heads(cfg.d_model, cfg.n_head - c.shared_heads, cfg.n_kv_head - ks, cfg.hd)
         self.o_proj = nn.Linear(cfg.n_head * cfg.hd, cfg.d_model, bias=False)
         self.indexer = Indexer(cfg)
-        self.topk, self.phase, self.support, self.coeff = c.topk, c.phase, c.kl_support, c.kl_coeff
+        self.topk, self.phase, self.support, self.coeff, self.impl = c.topk, c.phase, c.kl_support, c.kl_coeff, c.impl
         self.fast_on = True
+        self.gather_chunk = 512  # queries per checkpointed chunk of the gather path
 
     def param_role(self, name: str) -> str:
         first = name.split(".")[0]
@@ -133,13 +177,10 @@ class DSAttention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         b, t, _ = x.shape
-        visible = causal_mask(t, device=x.device)[None]  # [1, T, S]
-        index = self.indexer(x.detach())  # [B, T, S], detached input: LM loss never reaches the indexer
-        keep = self.select(index, visible)  # [B, T, S]
-        q, k, v = self.routed.qkv(x, cos, sin)
-        k, v = repeat_kv(k, q.shape[1] // k.shape[1]), repeat_kv(v, q.shape[1] // k.shape[1])  # [B, Hr, S, D]
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        y_r = attend(q, k, v, keep[:, None], scale)  # [B, Hr, T, D]
+        q, k, v = self.routed.qkv(x, cos, sin)  # q [B, Hr, T, D], k/v [B, Hk, S, D]
+        # the indexer reads detached x: the LM loss never reaches it
+        route = self._routed_gather if self.impl == "gather" else self._routed_mask
+        y_r, kl, frac, recall = route(x.detach(), q, k, v)  # y_r [B, Hr, T, D]
         if not self.fast_on:
             y_r = torch.zeros_like(y_r)
         ys = [y_r]
@@ -147,6 +188,19 @@ class DSAttention(nn.Module):
             qs, ks, vs = self.shared.qkv(x, cos, sin)
             ys.insert(0, sdpa_causal(qs, ks, vs))  # [B, Hs, T, D]
         y = torch.cat(ys, dim=1).transpose(1, 2).reshape(b, t, -1)  # [B, T, H*D]
+        aux = {"loss.dsa_kl": self.coeff * kl, "stat.dsa_kl": kl.detach(), "stat.dsa_key_frac": frac.float(),
+               "stat.dsa_recall": recall.float()}
+        return self.o_proj(y), aux
+
+    def _routed_mask(self, xd: Tensor, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Reference path: masked softmax over [B, Hr, T, S]; the KL and stats on full [B, T, S] tensors."""
+        b, t = q.shape[0], q.shape[2]
+        visible = causal_mask(t, device=q.device)[None]  # [1, T, S]
+        index = self.indexer(xd)  # [B, T, S]
+        keep = self.select(index, visible)  # [B, T, S]
+        k, v = repeat_kv(k, q.shape[1] // k.shape[1]), repeat_kv(v, q.shape[1] // k.shape[1])  # [B, Hr, S, D]
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        y_r = attend(q, k, v, keep[:, None], scale)  # [B, Hr, T, D]
         scores = (q @ k.transpose(-1, -2)).detach() * scale  # [B, Hr, T, S] teacher logits (detached)
         kl = indexer_kl(scores, index, keep if self.support == "sparse" else visible.expand(b, -1, -1))
         with torch.no_grad():
@@ -155,6 +209,37 @@ class DSAttention(nn.Module):
             picks = keep if self.phase == "sparse" else topk_mask(index, self.topk, visible)  # the indexer's top-k
             recall = (own & picks).sum() / own.sum()
             frac = keep.sum() / visible.expand_as(keep).sum()
-        aux = {"loss.dsa_kl": self.coeff * kl, "stat.dsa_kl": kl.detach(), "stat.dsa_key_frac": frac.float(),
-               "stat.dsa_recall": recall.float()}
-        return self.o_proj(y), aux
+        return y_r, kl, frac, recall
+
+    def _routed_gather(self, xd: Tensor, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Fast path (sparse phase, Eq. 4 KL): per chunk of queries, index scores and top-k without gradient
+        (the same `topk_mask`), the routed heads over their gathered k keys (checkpointed when T > chunk), the
+        KL on the gathered keys (index recomputed there with gradient). No [T, T] tensor is kept for backward;
+        the recall stat still scores every key of a chunk, without gradient."""
+        b, hr, t, d = q.shape
+        g, scale, n = hr // k.shape[1], 1.0 / math.sqrt(d), min(self.topk, t)
+        iq, ik, iw = self.indexer.parts(xd)
+        recompute = t > self.gather_chunk and torch.is_grad_enabled()
+        ys, kl_sum, kept, hits, own_total = [], q.new_zeros(()), 0, 0, 0
+        for t0 in range(0, t, self.gather_chunk):
+            rows = torch.arange(t0, min(t, t0 + self.gather_chunk), device=q.device)
+            tc, qc = len(rows), q[:, :, t0:t0 + self.gather_chunk]  # [B, Hr, Tc, D]
+            vis = rows[:, None] >= torch.arange(t, device=q.device)  # [Tc, S]
+            with torch.no_grad():
+                keep = topk_mask(self.indexer.scores(iq[:, :, t0:t0 + tc], ik, iw[:, t0:t0 + tc]), self.topk, vis)
+                pick = keep.to(torch.uint8).topk(n, dim=-1).indices  # [B, Tc, n] the kept keys first
+                valid = keep.gather(-1, pick)  # [B, Tc, n] (short rows keep fewer than n)
+                s_sel = torch.einsum("bkgtd,bktjd->bkgtj", qc.reshape(b, -1, g, tc, d), gather_tokens(k, pick)) * scale
+                p = torch.softmax(s_sel.masked_fill(~valid[:, None, None], float("-inf")), -1).sum((1, 2))
+                p = p / p.sum(-1, keepdim=True)  # [B, Tc, n] teacher on the selected set (Eq. 4, Megatron)
+                full = (qc @ repeat_kv(k, g).transpose(-1, -2)) * scale  # [B, Hr, Tc, S] for the recall stat
+                own = topk_mask(torch.softmax(full.masked_fill(~vis, float("-inf")), -1).sum(1), self.topk, vis)
+                hits, own_total, kept = hits + (own & keep).sum(), own_total + own.sum(), kept + keep.sum()
+            args = (qc, k, v, pick, valid, scale)
+            ys.append(checkpoint(attend_tokens, *args, use_reentrant=False) if recompute else attend_tokens(*args))
+            ik_sel = ik.gather(1, pick.reshape(b, tc * n, 1).expand(-1, -1, ik.shape[-1])).view(b, tc, n, -1)
+            logq = torch.log_softmax(self.indexer.scores(iq[:, :, t0:t0 + tc], ik_sel, iw[:, t0:t0 + tc])
+                                     .masked_fill(~valid, float("-inf")), -1)  # [B, Tc, n]
+            kl_sum = kl_sum + torch.where(p > 0, p * (torch.log(p.clamp_min(1e-30)) - logq), 0.0).sum()
+        frac = kept / (b * t * (t + 1) / 2)
+        return torch.cat(ys, dim=2), kl_sum / (b * t), torch.as_tensor(frac), hits / own_total

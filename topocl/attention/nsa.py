@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from topocl.attention.ops import apply_rope, attend, causal_mask, repeat_kv, topk_mask
+from topocl.attention.ops import apply_rope, attend, attend_gathered, causal_mask, repeat_kv, topk_mask
 from topocl.config import ModelConfig
 from topocl.registry import ATTENTION
 
@@ -77,13 +77,6 @@ def select_blocks(p_sel: Tensor, sel_block: int, n_sel: int, n_init: int, n_loca
     return topk_mask(score, n_sel, cand)
 
 
-def _softmax_attend(scores: Tensor, mask: Tensor, v: Tensor, eq: str) -> Tensor:
-    """Masked softmax over the last dim of scores (fp32 or better), then einsum `eq` with v."""
-    acc = torch.promote_types(scores.dtype, torch.float32)
-    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")).to(acc), -1).nan_to_num(0.0).to(v.dtype)
-    return torch.einsum(eq, probs, v)
-
-
 def _gathered_chunk(q: Tensor, kb: Tensor, vb: Tensor, blk: Tensor, valid: Tensor, t0: int, sel_block: int,
                     scale: float) -> Tensor:
     """Queries t0 .. t0+Tc−1 against their selected blocks. q [B, H, Tc, D], kb/vb [B, Hk, M, L'*D] (keys in
@@ -95,9 +88,7 @@ def _gathered_chunk(q: Tensor, kb: Tensor, vb: Tensor, blk: Tensor, valid: Tenso
     vg = vb.gather(2, flat).view(b, hk, tc, n * sel_block, d)
     pos = (blk[..., None] * sel_block + torch.arange(sel_block, device=q.device)).flatten(-2)  # [B, Hk, Tc, n*L']
     mask = valid.repeat_interleave(sel_block, dim=-1) & (pos <= torch.arange(t0, t0 + tc, device=q.device)[:, None])
-    qg = q.reshape(b, hk, -1, tc, d)  # [B, Hk, G, Tc, D]
-    scores = torch.einsum("bkgtd,bktsd->bkgts", qg, kg) * scale  # [B, Hk, G, Tc, n*L']
-    o = _softmax_attend(scores, mask[:, :, None], vg, "bkgts,bktsd->bkgtd")  # [B, Hk, G, Tc, D]
+    o = attend_gathered(q.reshape(b, hk, -1, tc, d), kg, vg, mask[:, :, None], scale)  # [B, Hk, G, Tc, D]
     return o.reshape(b, -1, tc, d)
 
 
@@ -130,9 +121,8 @@ def window_band(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float) -> T
     kw = F.pad(k, (0, 0, w - 1, 0)).unfold(2, w, 1)  # [B, Hk, T, D, w]: keys t-w+1 .. t
     vw = F.pad(v, (0, 0, w - 1, 0)).unfold(2, w, 1)  # [B, Hk, T, D, w]
     pos = torch.arange(t, device=q.device)[:, None] - (w - 1) + torch.arange(w, device=q.device)  # [T, w]
-    scores = torch.einsum("bkgtd,bktdw->bkgtw", q.view(b, hk, g, t, d), kw) * scale  # [B, Hk, G, T, w]
-    o = _softmax_attend(scores, pos >= 0, vw, "bkgtw,bktdw->bkgtd")  # [B, Hk, G, T, D]
-    return o.reshape(b, hk * g, t, d)
+    o = attend_gathered(q.view(b, hk, g, t, d), kw.transpose(-1, -2), vw.transpose(-1, -2), pos >= 0, scale)
+    return o.reshape(b, hk * g, t, d)  # [B, H, T, D]
 
 
 def fine_tokens_seen(blk: Tensor, valid: Tensor, sel_block: int, window: int) -> Tensor:

@@ -86,6 +86,16 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None = 
     return probs @ v  # [B, H, T, D]
 
 
+def attend_gathered(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """Softmax attention where every query row has its own gathered keys (the gather fast paths).
+    q [B, Hk, G, T, D] (query heads grouped by KV head), k/v [B, Hk, T, J, D] (J keys per row), mask bool
+    broadcastable to [B, Hk, G, T, J] (True = visible) -> [B, Hk, G, T, D]. Rows with no visible key return 0."""
+    scores = torch.einsum("bkgtd,bktjd->bkgtj", q, k) * scale  # [B, Hk, G, T, J]
+    acc = torch.promote_types(scores.dtype, torch.float32)
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")).to(acc), -1).nan_to_num(0.0).to(v.dtype)
+    return torch.einsum("bkgtj,bktjd->bkgtd", probs, v)
+
+
 def sdpa_causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Dense causal attention with GQA. q [B,H,T,D], k/v [B,Hk,T,D] -> [B,H,T,D]."""
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
