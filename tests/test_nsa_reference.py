@@ -34,10 +34,11 @@ class FixedGates(nn.Module):
         return torch.tensor(self.gates, dtype=x.dtype).expand(x.shape[0], HEADS, x.shape[1], 3)
 
 
-def pair(window_ours: int, n_sel: int, gates: tuple[float, float, float], branch: str):
+def pair(window_ours: int, n_sel: int, gates: tuple[float, float, float], branch: str, impl: str = "mask"):
     torch.manual_seed(0)
     c = ModelConfig(vocab_size=8, d_model=HEADS * DH, n_head=HEADS, n_kv_head=KV, max_seq_len=T, attention="nsa",
-                    nsa=NSAConfig(cmp_block=L, cmp_stride=D_STRIDE, sel_block=SEL, n_sel=n_sel, window=window_ours))
+                    nsa=NSAConfig(cmp_block=L, cmp_stride=D_STRIDE, sel_block=SEL, n_sel=n_sel, window=window_ours,
+                                  impl=impl))
     ours = NSAttention(c).double()
     ours.force_gates = gates
     theirs = nsa_pt.SparseAttention(dim=HEADS * DH, dim_head=DH, heads=HEADS, kv_heads=KV,
@@ -57,14 +58,16 @@ def no_rope(t: int):
     return torch.ones(t, DH // 2, dtype=torch.float64), torch.zeros(t, DH // 2, dtype=torch.float64)
 
 
-def test_sliding_window_branch_matches():
-    ours, theirs = pair(window_ours=4, n_sel=3, gates=(0.0, 0.0, 1.0), branch="win")  # a real band: 4 of 16
+@pytest.mark.parametrize("impl", ["mask", "gather"])
+def test_sliding_window_branch_matches(impl):
+    ours, theirs = pair(window_ours=4, n_sel=3, gates=(0.0, 0.0, 1.0), branch="win", impl=impl)  # 4 of 16 keys
     x = torch.randn(2, T, HEADS * DH, dtype=torch.float64)
     assert (ours(x, *no_rope(T))[0] - theirs(x)).abs().max().item() < 1e-12
 
 
-def test_fine_branch_with_every_block_selected_matches():
-    ours, theirs = pair(window_ours=4, n_sel=T // SEL, gates=(0.0, 1.0, 0.0), branch="slc")
+@pytest.mark.parametrize("impl", ["mask", "gather"])
+def test_fine_branch_with_every_block_selected_matches(impl):
+    ours, theirs = pair(window_ours=4, n_sel=T // SEL, gates=(0.0, 1.0, 0.0), branch="slc", impl=impl)
     x = torch.randn(2, T, HEADS * DH, dtype=torch.float64)
     assert (ours(x, *no_rope(T))[0] - theirs(x)).abs().max().item() < 1e-12
 
