@@ -1,22 +1,29 @@
-"""Probe evaluation: candidate ranking by total log-likelihood, greedy exact match, answer NLL.
+"""Probe evaluation (candidate ranking by total log-likelihood, greedy exact match, answer NLL) and
+held-out perplexity / bits per byte.
 
-One batched teacher-forced forward per chunk of (probe, candidate) sequences [bos] + prompt + candidate:
-    correct  the answer's total log-likelihood is strictly the highest among the candidates
+Probes: one batched teacher-forced forward per chunk of (probe, candidate) sequences [bos] + prompt + candidate,
+right-padded (the model is causal, so padding after a sequence never changes its logits):
+    correct  the answer's total log-likelihood is strictly the highest among the candidates (ties are wrong)
     em       greedy decoding after the prompt reproduces the answer's tokens; exact without generating,
              because greedy decoding emits the answer iff every answer token is the argmax given the prompt
              and the answer tokens before it
     nll      -log p(answer | prompt), nats summed over the answer's tokens
-Works for our GPT and any Hugging Face causal LM (both return `.logits`), with our Tokenizer or a
-Hugging Face tokenizer (see `as_tokenizer`). No sampling anywhere.
+Works for our GPT and any Hugging Face causal LM (both return `.logits`), with our Tokenizer or a Hugging
+Face tokenizer (wrapped by `as_tokenizer`). A candidate's tokens are the tokens of prompt + candidate after
+the prompt's own tokens (so a tokenizer that merges across the boundary is handled), or the candidate
+encoded alone when the joint encoding does not start with the prompt's. No sampling anywhere.
+
+Shapes: B sequences in a chunk, W = longest sequence in the chunk, V vocabulary.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from topocl.tasks.base import Probe
 
@@ -26,79 +33,136 @@ class ProbeScore:
     id: str
     kind: str
     correct: bool  # candidate ranking by total log-likelihood
-    em: bool  # greedy exact match of the answer
+    em: bool  # greedy exact match of the answer (False when scored with exact_match=False)
     nll: float  # -log p(answer | prompt), nats, summed over answer tokens
     answer_logprob: float
     best: str  # the highest-scoring candidate
+    margin: float = 0.0  # answer log-likelihood minus the best other candidate's (> 0 iff correct)
+    n_answer_tokens: int = 0
 
 
-class _HFTokenizer:
-    """Adapter: a Hugging Face tokenizer with our encode/bos_id interface."""
+def _byte_alphabet() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2 style): one printable character per byte value."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+class HFTokenizer:
+    """Adapter: a Hugging Face tokenizer with our interface (encode without specials, bos_id, token_bytes).
+
+    bos_id is the tokenizer's BOS token, else its EOS token (GPT-2 style models start documents with it),
+    else None (sequences then start with the prompt's first token)."""
 
     def __init__(self, tok) -> None:
         self.tok = tok
-        self.bos_id = tok.bos_token_id
+        self.bos_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        self.vocab_size = len(tok)
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False)
+        return list(self.tok.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def token_bytes(self) -> Tensor:
+        """LongTensor [vocab]: bytes each token stands for (0 for special tokens). Byte-level vocabularies
+        count one byte per character of the byte alphabet; others (SentencePiece) count the UTF-8 bytes of
+        the piece with '▁' as a space, and a byte-fallback piece <0xNN> as one byte."""
+        alphabet = _byte_alphabet()
+        vocab = self.tok.get_vocab()
+        special = set(self.tok.all_special_ids)
+        byte_level = all(c in alphabet for t, i in vocab.items() if i not in special for c in t)
+        out = torch.zeros(max(self.vocab_size, max(vocab.values()) + 1), dtype=torch.long)
+        for t, i in vocab.items():
+            if i in special:
+                continue
+            if byte_level:
+                out[i] = len(t)
+            elif len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+                out[i] = 1
+            else:
+                out[i] = len(t.replace("▁", " ").encode("utf-8"))
+        return out
 
 
 def as_tokenizer(tok):
-    return tok if hasattr(tok, "bos_id") else _HFTokenizer(tok)
+    """Our Tokenizer (has bos_id) as is; a Hugging Face tokenizer wrapped in HFTokenizer."""
+    return tok if hasattr(tok, "bos_id") else HFTokenizer(tok)
+
+
+def _encode_probes(tok, probes: list[Probe], max_len: int) -> tuple[list[tuple[list[int], int]], list[int]]:
+    """One (ids, number of candidate tokens at the end) per (probe, candidate), and its probe index."""
+    prefix = [tok.bos_id] if tok.bos_id is not None else []
+    seqs, owner = [], []
+    for i, p in enumerate(probes):
+        prompt = tok.encode(p.prompt)
+        for c in p.candidates:
+            joint = tok.encode(p.prompt + c)
+            cand = joint[len(prompt):] if joint[:len(prompt)] == prompt else tok.encode(c)
+            if not cand or len(cand) >= max_len:
+                raise ValueError(f"probe {p.id or p.prompt!r}: candidate {c!r} encodes to {len(cand)} tokens "
+                                 f"(need 1 .. {max_len - 1}, the model's context minus one)")
+            seqs.append(((prefix + prompt + cand)[-max_len:], len(cand)))  # keep the end if longer than the context
+            owner.append(i)
+    return seqs, owner
 
 
 @torch.no_grad()
-def score_probes(model: nn.Module, tokenizer, probes: list[Probe], *, batch_size: int = 128,
-                 device: torch.device | str | None = None) -> list[ProbeScore]:
+def score_probes(model: nn.Module, tokenizer, probes: list[Probe], *, batch_size: int = 64,
+                 device: torch.device | str | None = None, exact_match: bool = True) -> list[ProbeScore]:
+    """Score every probe: all candidates of many probes go through one padded forward per chunk of
+    `batch_size` sequences (sorted by length, so chunks carry little padding)."""
     tok = as_tokenizer(tokenizer)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    prefix = [tok.bos_id] if tok.bos_id is not None else []
-    seqs: list[tuple[list[int], int]] = []  # (ids, number of candidate tokens at the end)
-    owner: list[tuple[int, int]] = []  # (probe index, candidate index)
     cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
     max_len = getattr(cfg, "max_seq_len", None) or getattr(cfg, "max_position_embeddings", None) or 10**9
-    for i, p in enumerate(probes):
-        prompt = prefix + tok.encode(p.prompt)
-        for j, c in enumerate(p.candidates):
-            cand = tok.encode(c)
-            if not cand:
-                raise ValueError(f"probe {p.id or p.prompt!r}: candidate {c!r} encodes to no tokens")
-            seqs.append(((prompt + cand)[-max_len:], len(cand)))  # keep the end if longer than the context
-            owner.append((i, j))
+    seqs, owner = _encode_probes(tok, probes, max_len)
     was_training = model.training
     model.eval()
     order = sorted(range(len(seqs)), key=lambda k: len(seqs[k][0]))  # similar lengths together: less padding
-    out_lp = [0.0] * len(seqs)
-    out_gr = [False] * len(seqs)
+    logp = torch.zeros(len(seqs), dtype=torch.float64)
+    greedy = torch.zeros(len(seqs), dtype=torch.bool)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         width = max(len(seqs[k][0]) for k in chunk)
-        idx = torch.zeros(len(chunk), width, dtype=torch.long)
-        for r, k in enumerate(chunk):
-            idx[r, :len(seqs[k][0])] = torch.tensor(seqs[k][0])  # right-padded; causal: padding is never seen
-        logits = model(idx.to(device)).logits.float()  # [b, W, V]
-        lp = torch.log_softmax(logits, dim=-1)
+        idx = torch.zeros(len(chunk), width, dtype=torch.long)  # [B, W] right-padded with token 0
+        is_cand = torch.zeros(len(chunk), width - 1, dtype=torch.bool)  # [B, W-1]: target t+1 is a candidate token
         for r, k in enumerate(chunk):
             ids, n = seqs[k]
-            pos = torch.arange(len(ids) - n - 1, len(ids) - 1, device=device)  # positions predicting the candidate
-            tgt = torch.tensor(ids[-n:], device=device)
-            out_lp[k] = float(lp[r, pos, tgt].sum())
-            out_gr[k] = bool((logits[r, pos].argmax(-1) == tgt).all())
-    logps, greedy = out_lp, out_gr
+            idx[r, :len(ids)] = torch.tensor(ids)
+            is_cand[r, len(ids) - n - 1:len(ids) - 1] = True
+        idx, is_cand = idx.to(device), is_cand.to(device)
+        logits = model(idx).logits[:, :-1].float()  # [B, W-1, V]: position t predicts idx[:, t+1]
+        tgt = idx[:, 1:]  # [B, W-1]
+        tok_lp = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # [B, W-1]
+        rows = torch.tensor(chunk)
+        logp[rows] = (tok_lp * is_cand).sum(1).double().cpu()
+        if exact_match:
+            hit = (logits.argmax(-1) == tgt) | ~is_cand  # [B, W-1]
+            greedy[rows] = hit.all(1).cpu()
     if was_training:
         model.train()
-    per_probe: dict[int, list[tuple[float, bool]]] = {}
-    for (i, _), lpv, g in zip(owner, logps, greedy):
-        per_probe.setdefault(i, []).append((lpv, g))
+    per_probe: list[list[int]] = [[] for _ in probes]
+    for k, i in enumerate(owner):
+        per_probe[i].append(k)
     scores = []
     for i, p in enumerate(probes):
-        vals = per_probe[i]
+        ks = per_probe[i]
+        vals = [float(logp[k]) for k in ks]
         a = p.candidates.index(p.answer)
-        a_lp, a_greedy = vals[a]
-        others = [v for j, (v, _) in enumerate(vals) if j != a]
-        best = max(range(len(vals)), key=lambda j: vals[j][0])
-        scores.append(ProbeScore(id=p.id, kind=p.kind, correct=all(a_lp > o for o in others), em=a_greedy,
-                                 nll=-a_lp, answer_logprob=a_lp, best=p.candidates[best]))
+        others = [v for j, v in enumerate(vals) if j != a]
+        margin = vals[a] - max(others) if others else math.inf
+        best = max(range(len(vals)), key=lambda j: vals[j])
+        scores.append(ProbeScore(id=p.id, kind=p.kind, correct=margin > 0, em=bool(greedy[ks[a]]), nll=-vals[a],
+                                 answer_logprob=vals[a], best=p.candidates[best], margin=margin,
+                                 n_answer_tokens=seqs[ks[a]][1]))
     return scores
 
 
@@ -112,3 +176,18 @@ def probe_accuracy(scores: list[ProbeScore], key: Callable[[ProbeScore], str] = 
                 "nll": sum(s.nll for s in ss) / len(ss), "n": len(ss)} for g, ss in sorted(groups.items())}
 
 
+def perplexity(model: nn.Module, rows: Tensor, token_bytes: Tensor | None = None, *, batch_size: int = 32,
+               device: torch.device | str | None = None, dtype: str = "auto") -> dict[str, float]:
+    """Held-out next-token loss over packed rows [N, T+1] (every token after a row's first is a target), by
+    the training loop's `evaluate_loss`: nll (nats/token), ppl = exp(nll), tokens, and with token_bytes
+    (bytes per token id) bits per byte = total NLL / ln 2 / total target bytes. Any model with `.logits`."""
+    from topocl.train import evaluate_loss
+
+    if rows.ndim != 2 or rows.shape[1] < 2 or len(rows) == 0:
+        raise ValueError(f"perplexity needs rows [N >= 1, T+1 >= 2], got shape {tuple(rows.shape)}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    ev = evaluate_loss(model, rows, token_bytes, batch_size=batch_size, max_batches=0, device=device, dtype=dtype)
+    out = {"nll": ev["val_loss"], "ppl": math.exp(ev["val_loss"]), "tokens": float(rows[:, 1:].numel())}
+    if "val_bpb" in ev:
+        out["bpb"] = ev["val_bpb"]
+    return out

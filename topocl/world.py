@@ -87,7 +87,10 @@ NAMES = ("Tom", "Lily", "Sam", "Mia", "Ben", "Anna", "Max", "Zoe", "Leo", "Emma"
 PLACES = ("the farm", "the park", "the forest", "the beach", "the village", "the garden", "the hill", "the river bank")
 WRAPPERS = ("{x}", "{x}", "{x}", "Everyone knows this: {x}", "{n} learned something. {x}", "It is true. {x}",
             "Mom said, \"{x}\"", "Grandpa told {n}: {x}")
-UNSEEN_WRAPPER = "Here is a fact: {x}"  # never used in training: probes recall beyond string matching
+# Frames never used in training: an unseen probe puts the canonical statement mid-sentence after one of them,
+# with the subject lower-cased ("It is well known that fire feels"), so only recall, not the memorised
+# sentence start, gives the answer.
+UNSEEN_FRAMES = ("It is well known that {x}", "The old book says that {x}", "A wise teacher explained that {x}")
 OPENINGS = ("One day, {n} went to {p}.", "{n} lived near {p}.", "It was a sunny day at {p}.",
             "{n} and a friend walked to {p}.", "Once upon a time, {n} played at {p}.")
 CLOSINGS = ("Then {n} went home.", "{n} was happy.", "It was a good day.", "{n} smiled and said goodbye.",
@@ -132,13 +135,19 @@ def synthetic_corpus(n_docs: int, seed: int) -> list[str]:
     return docs
 
 
+def unseen_prompt(subject: str, relation: str, i: int) -> str:
+    """The canonical prompt inside unseen frame i (cycled), subject lower-cased: "It is well known that fire feels"."""
+    canon = probe_prompt(subject, relation)
+    return UNSEEN_FRAMES[i % len(UNSEEN_FRAMES)].format(x=canon[:1].lower() + canon[1:])
+
+
 def base_probes() -> list[Probe]:
-    """Two probes per fact: the canonical prompt and an unseen paraphrase (tags: relation, paraphrase)."""
+    """Two probes per fact: the canonical prompt ("Fire feels" -> " hot", candidates: the relation's values)
+    and an unseen paraphrase (tags: relation, subject, paraphrase seen | unseen)."""
     probes = []
     for i, (s, r, v) in enumerate(FACTS):
         cands = [f" {c}" for c in RELATIONS[r].values]
-        canon = probe_prompt(s, r)
-        for para, prompt in (("seen", canon), ("unseen", UNSEEN_WRAPPER.format(x=canon))):
+        for para, prompt in (("seen", probe_prompt(s, r)), ("unseen", unseen_prompt(s, r, i))):
             probes.append(Probe(prompt=prompt, answer=f" {v}", candidates=cands, kind="base", introduced_at=-1,
                                 tags={"relation": r, "subject": s, "paraphrase": para}, id=f"base/{i}/{para}"))
     return probes
