@@ -69,6 +69,7 @@ def test_worlds_controls_shared_attributes_vocab_and_global_overwrites():
 def test_campaign_sessions_delays_and_moves():
     ts = build_stream("campaign", {"sessions": 6, "changes": 2, "seed": 1})
     assert len(ts) == 6 and sum(p.tags.get("type") == "rule" for p in ts[0].probes) == 6  # 3 rules x 2 forms
+    assert all(p.tags["paraphrase"] in ("seen", "unseen") for t in ts for p in t.probes)
     for s, t in enumerate(ts):
         assert all(p.introduced_at == s for p in t.probes)
         for rule in ("magic is paid for with memories.", "spoken in rhyme.", "strongest at dawn."):
@@ -86,7 +87,7 @@ def test_campaign_sessions_delays_and_moves():
                 assert (p.kind == "update") == any(q.answer != p.answer for q in later)
     # an item moved twice: both earlier places are updates, the last one is kept
     many = build_stream("campaign", {"sessions": 3, "facts_per_session": 1, "changes": 2, "seed": 0})
-    place = [p for t in many for p in t.probes if p.tags.get("ask") == "place" and "paraphrase" not in p.tags
+    place = [p for t in many for p in t.probes if p.tags.get("ask") == "place" and p.tags["paraphrase"] == "seen"
              and p.tags["item"] == many[0].meta["facts"][0]["e"] + " " + many[0].meta["facts"][0]["i"]]
     assert [(p.kind, p.introduced_at) for p in place] == [("update", 0), ("update", 1), ("retain", 2)]
     assert len({p.answer for p in place}) == 3

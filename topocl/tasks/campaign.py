@@ -45,7 +45,8 @@ class CampaignConfig:
 
 
 def _probe(prompt: str, answer: str, cands: tuple[str, ...], kind: str, s: int, tags: dict, pid: str) -> Probe:
-    return Probe(prompt, f" {answer}", [f" {c}" for c in cands], kind, s, tags, pid)
+    """A probe whose paraphrase tag is "seen" unless the tags say "unseen"."""
+    return Probe(prompt, f" {answer}", [f" {c}" for c in cands], kind, s, {"paraphrase": "seen", **tags}, pid)
 
 
 @STREAMS.register("campaign")
