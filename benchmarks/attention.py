@@ -9,7 +9,8 @@ groups keeps its top 10%). Every kind runs its reference mask path, except `nsa:
 fast paths: selected blocks / top-k tokens gathered per query in checkpointed chunks, NSA's window unfolded;
 nothing O(T²) saved for backward).
 
-Each (kind, T) runs in its own process, so memory figures do not leak between rows. Memory columns:
+Each (kind, T) runs in its own process, so memory figures do not leak between rows; the time is the fastest
+of `--repeats` calls after one warm-up (the least disturbed by other load on a shared machine). Memory columns:
 `saved` = bytes of the distinct storages autograd saves for backward (what the [B, H, T, T] mask path
 costs; checkpointed chunks count only their inputs); `peak` = CUDA allocator peak on GPU, on CPU the rise
 of the process's peak resident set during the timed calls (includes the allocator's slack).
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -48,7 +48,7 @@ def rss_bytes() -> int:
 
 
 def measure(kind: str, t: int, batch: int, repeats: int, device: torch.device) -> dict[str, float]:
-    """{ms: median fwd+bwd time, saved: bytes saved for backward, peak: peak bytes} of one layer."""
+    """{ms: fastest fwd+bwd time, saved: bytes saved for backward, peak: peak bytes} of one layer."""
     torch.manual_seed(0)
     cfg = config(kind, t)
     layer = ATTENTION.get(cfg.attention)(cfg).to(device)
@@ -82,7 +82,7 @@ def measure(kind: str, t: int, batch: int, repeats: int, device: torch.device) -
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base  # ru_maxrss is in KiB on Linux
-    return {"ms": 1000 * statistics.median(times), "saved": sum(saved.values()), "peak": max(peak, 0)}
+    return {"ms": 1000 * min(times), "saved": sum(saved.values()), "peak": max(peak, 0)}
 
 
 def in_subprocess(kind: str, t: int, args: argparse.Namespace) -> dict[str, float]:
@@ -104,7 +104,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(args.one[0], int(args.one[1]), args.batch, args.repeats, torch.device(args.device))))
         return
-    print(f"device {args.device}, batch {args.batch}, fwd+bwd of one attention layer (median of {args.repeats}), "
+    print(f"device {args.device}, batch {args.batch}, fwd+bwd of one attention layer (fastest of {args.repeats}), "
           f"torch threads {torch.get_num_threads()}")
     print(f"{'T':>6} {'kind':>10} {'ms':>9} {'x dense':>8} {'saved MiB':>10} {'x dense':>8} {'peak MiB':>9} "
           f"{'x dense':>8}")

@@ -119,11 +119,14 @@ def indexer_kl(scores: Tensor, index: Tensor, support: Tensor) -> Tensor:
 
 
 def gather_tokens(x: Tensor, pick: Tensor) -> Tensor:
-    """x [B, Hk, S, D] at the keys pick [B, T, J] (shared by the heads) -> [B, Hk, T, J, D]."""
-    b, hk, _, d = x.shape
+    """x [B, Hk, S, D] at the keys pick [B, T, J] (shared by the heads) -> [B, Hk, T, J, D], laid out as the
+    attention consumes it. Whole rows are copied with index_select (its backward is a row-wise index_add,
+    far faster than an element-wise gather)."""
+    b, hk, s, d = x.shape
     t, j = pick.shape[1:]
-    idx = pick[:, None].expand(b, hk, t, j).reshape(b, hk, t * j, 1).expand(-1, -1, -1, d)  # [B, Hk, T*J, D]
-    return x.gather(2, idx).view(b, hk, t, j, d)
+    base = torch.arange(b * hk, device=pick.device).view(b, hk, 1, 1) * s  # first row of each (batch, KV head)
+    flat = (pick[:, None] + base).reshape(-1)  # [B*Hk*T*J] row numbers in x flattened to [B*Hk*S, D]
+    return x.reshape(b * hk * s, d).index_select(0, flat).view(b, hk, t, j, d)
 
 
 def attend_tokens(q: Tensor, k: Tensor, v: Tensor, pick: Tensor, valid: Tensor, scale: float) -> Tensor:
@@ -237,7 +240,7 @@ class DSAttention(nn.Module):
                 hits, own_total, kept = hits + (own & keep).sum(), own_total + own.sum(), kept + keep.sum()
             args = (qc, k, v, pick, valid, scale)
             ys.append(checkpoint(attend_tokens, *args, use_reentrant=False) if recompute else attend_tokens(*args))
-            ik_sel = ik.gather(1, pick.reshape(b, tc * n, 1).expand(-1, -1, ik.shape[-1])).view(b, tc, n, -1)
+            ik_sel = gather_tokens(ik[:, None], pick)[:, 0]  # [B, Tc, n, DI]
             logq = torch.log_softmax(self.indexer.scores(iq[:, :, t0:t0 + tc], ik_sel, iw[:, t0:t0 + tc])
                                      .masked_fill(~valid, float("-inf")), -1)  # [B, Tc, n]
             kl_sum = kl_sum + torch.where(p > 0, p * (torch.log(p.clamp_min(1e-30)) - logq), 0.0).sum()

@@ -82,10 +82,11 @@ def _gathered_chunk(q: Tensor, kb: Tensor, vb: Tensor, blk: Tensor, valid: Tenso
     """Queries t0 .. t0+Tc−1 against their selected blocks. q [B, H, Tc, D], kb/vb [B, Hk, M, L'*D] (keys in
     blocks), blk/valid [B, Hk, Tc, n] -> [B, H, Tc, D]."""
     b, hk, tc, n = blk.shape
-    d = q.shape[-1]
-    flat = blk.reshape(b, hk, tc * n, 1).expand(-1, -1, -1, kb.shape[-1])  # [B, Hk, Tc*n, L'*D]
-    kg = kb.gather(2, flat).view(b, hk, tc, n * sel_block, d)  # [B, Hk, Tc, n*L', D]
-    vg = vb.gather(2, flat).view(b, hk, tc, n * sel_block, d)
+    d, m = q.shape[-1], kb.shape[2]
+    # row numbers in kb flattened to [B*Hk*M, L'*D]; index_select copies whole blocks (row-wise backward)
+    flat = (blk + torch.arange(b * hk, device=blk.device).view(b, hk, 1, 1) * m).reshape(-1)  # [B*Hk*Tc*n]
+    kg = kb.reshape(b * hk * m, -1).index_select(0, flat).view(b, hk, tc, n * sel_block, d)  # [B, Hk, Tc, n*L', D]
+    vg = vb.reshape(b * hk * m, -1).index_select(0, flat).view(b, hk, tc, n * sel_block, d)
     pos = (blk[..., None] * sel_block + torch.arange(sel_block, device=q.device)).flatten(-2)  # [B, Hk, Tc, n*L']
     mask = valid.repeat_interleave(sel_block, dim=-1) & (pos <= torch.arange(t0, t0 + tc, device=q.device)[:, None])
     o = attend_gathered(q.reshape(b, hk, -1, tc, d), kg, vg, mask[:, :, None], scale)  # [B, Hk, G, Tc, D]
