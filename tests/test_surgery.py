@@ -141,7 +141,11 @@ def test_lora_on_group_b_moves_only_adapters():
     for name, value in model.state_dict().items():
         changed = not torch.equal(value, before[name])
         assert changed == ("lora_" in name), f"{name} changed={changed}"
-    merge_back(m)  # LoRA folded into group B: the merged model computes what the adapted one did
+    with torch.no_grad():
+        adapted = m(x).logits
+        assert (adapted - ref).abs().max() > 1e-4
+        merge_back(m)  # LoRA folded into group B: the merged model computes what the adapted one did
+        torch.testing.assert_close(m(x).logits, adapted, atol=1e-5, rtol=0)
     assert all("lora" not in k and "base_layer" not in k for k in m.state_dict())
 
 
@@ -234,10 +238,19 @@ def test_save_loads_as_plain_hf_checkpoint(tmp_path):
     assert all(torch.equal(sd[k], expected[k]) for k in sd)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, out, atol=1e-5, rtol=0)
+    split_cfg = HeadSplitConfig(**json.loads((tmp_path / "ckpt" / "topocl_head_split.json").read_text()))
+    apply_head_split(loaded, dataclasses.replace(split_cfg, topk=2))  # the sparse model back, from the saved config
+    apply_head_split(merge_back(m), dataclasses.replace(split_cfg, topk=2))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, m(x).logits, atol=1e-5, rtol=0)
 
 
 def test_errors_are_clear():
     m = tiny("llama", kv=4)
+    m.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="supports eager and sdpa"):
+        apply_head_split(m, HeadSplitConfig())
+    m.config._attn_implementation = "sdpa"
     with pytest.raises(ValueError, match=r"layers=\[2\]: \[2\] match no decoder layer; the model has 2"):
         apply_head_split(m, HeadSplitConfig(layers=[2]))
     m.model.layers[0].self_attn.__class__ = type("OtherAttention", (torch.nn.Module,), {})
@@ -322,3 +335,28 @@ def test_smollm2_real_model():
     assert (report.q_heads, report.kv_heads, report.heads_b, len(report.layers)) == (9, 3, [6, 7, 8], 30)
     assert report.trainable == {"attn.dense_heads": 0, "attn.sparse_heads": 8_847_360, "embed": 0, "mlp": 0,
                                 "norm": 0}
+
+
+def test_runner_pieces_accept_a_surgered_model(tmp_path):
+    """The hook the continual runner uses: build_arm -> CausalLM + HFTokenizer work with task packing, the
+    Evaluator (probes + held-out bits/byte) and the one training loop under the model's role policy."""
+    from topocl.continual import Evaluator, task_rows
+    from topocl.surgery.cli import build_arm, heldout_rows
+    from topocl.tasks.streams import build_stream
+
+    model_dir, text = hf_dir(tmp_path)
+    scfg = load_config(SurgeryRunConfig, None, [f"model={model_dir}", f"eval_text={text}", "eval_seq_len=32"])
+    tasks = build_stream("worlds", {"n_worlds": 2, "texts_per_task": 4})
+    for arm in ("surgery", "full", "lora"):
+        model, tok, report = build_arm(scfg, arm)
+        assert (report is not None) == (arm == "surgery")
+        rows = task_rows(tasks[0], tok, 32)
+        assert rows.shape[1] == 33 and int(rows.max()) < tok.vocab_size
+        evaluate = Evaluator(tasks, [], heldout_rows(scfg, tok), tok, torch.device("cpu"), "auto")
+        out = evaluate(model, {"run": arm, "seed": 0, "order": 0}, -1, 0)
+        assert {r["metric"] for r in out} == {"acc", "em", "nll", "bpb"}
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        before = snapshot(model)
+        train(model, steps=1)
+        moved = {n for n, v in model.state_dict().items() if not torch.equal(v, before[n])}
+        assert moved and moved <= trainable

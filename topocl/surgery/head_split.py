@@ -28,6 +28,8 @@ Ka/Kb their KV heads, G = query heads per KV head, D head dim.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,8 +182,8 @@ def visible_keys(mask: Tensor | None, t: int, s: int, device: torch.device) -> T
         if t == 1:
             return torch.ones(1, 1, 1, s, dtype=torch.bool, device=device)
         return (torch.arange(t, device=device)[:, None] >= torch.arange(s, device=device)[None, :])[None, None]
-    if not torch.is_tensor(mask):
-        raise ValueError(f"head-split group B needs a tensor attention mask, got {type(mask).__name__}: "
+    if not torch.is_tensor(mask) or mask.dim() != 4:
+        raise ValueError(f"head-split group B needs a 4-D attention mask, got {type(mask).__name__}: "
                          "load the model with attn_implementation='eager' or 'sdpa'")
     visible = mask if mask.dtype == torch.bool else mask == 0
     return visible[..., -s:]  # [B, 1, T, S]
@@ -272,6 +274,9 @@ def apply_head_split(model: nn.Module, cfg: HeadSplitConfig) -> SurgeryReport:
     if any(isinstance(m, HeadSplitAttention) for m in model.modules()):
         raise ValueError("the model is already head-split; merge_back(model) first")
     conf = model.config
+    if conf._attn_implementation not in ("eager", "sdpa"):
+        raise ValueError(f"attn_implementation={conf._attn_implementation!r}: head split supports eager and sdpa "
+                         "(group B needs the 4-D mask those build; flash/flex hand over padding only)")
     if getattr(conf, "attention_dropout", 0.0):
         raise ValueError(f"attention_dropout={conf.attention_dropout}: group-B attention has no dropout; set it to 0")
     attns = [(n, m) for n, m in model.named_modules() if type(m).__name__ in spec.attention_classes]
@@ -297,6 +302,7 @@ def apply_head_split(model: nn.Module, cfg: HeadSplitConfig) -> SurgeryReport:
         raise ValueError("lm_head is tied to the embeddings in this model: train_embeddings and train_lm_head must "
                          f"agree (got {cfg.train_embeddings} and {cfg.train_lm_head})")
     model._topocl_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    model._topocl_head_split = dataclasses.asdict(cfg)
     for name, attn in chosen:
         parent, child = _parent(model, name)
         setattr(parent, child, HeadSplitAttention(attn, spec, kv, topk))
@@ -336,6 +342,7 @@ def merge_back(model: nn.Module) -> nn.Module:
         for n, p in model.named_parameters():
             p.requires_grad_(flags.get(n, True))
         del model._topocl_requires_grad
+    model.__dict__.pop("_topocl_head_split", None)
     return model
 
 
@@ -364,10 +371,15 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def save(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
     """Write a standard Hugging Face checkpoint directory of the merged model (AutoModelForCausalLM loads it
-    without TopoCL; a GGUF origin is dropped: the weights are plain safetensors now)."""
+    without TopoCL; a GGUF origin is dropped: the weights are plain safetensors now). A plain HF model runs
+    group B densely: the top-k mask is TopoCL's runtime. The split config goes to topocl_head_split.json, so
+    apply_head_split(model, HeadSplitConfig(**json.load(...))) restores the sparse model."""
     path = Path(path)
     drop_gguf_marker(model)
     model.save_pretrained(path, state_dict=merged_state_dict(model))
+    split_cfg = model.__dict__.get("_topocl_head_split")
+    if split_cfg is not None:
+        (path / "topocl_head_split.json").write_text(json.dumps(split_cfg, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
