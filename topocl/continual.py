@@ -14,6 +14,10 @@ runs: `reference=joint` (for task j, train the initial model on tasks 0..j toget
 
     RUN/ config.yaml  results.jsonl  cost.json  seed{S}-order{O}/{metrics.jsonl, checkpoints/}
 
+Opt-in analysis (`analysis.*`, topocl/analysis): telemetry=true adds seed{S}-order{O}/telemetry.jsonl
+(per-role gradient cosine between tasks, drift); keep_task_checkpoints=true keeps the checkpoint before
+every task (step_{j} = before task j, 0 = the initial weights) for `topocl analyze` (grafting, routing).
+
 A killed run resumes at the last finished task with resume=true and produces the same rows.
 """
 
@@ -35,6 +39,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from topocl.analysis.telemetry import AnalysisConfig, Telemetry
 from topocl.checkpoint import latest_checkpoint, load_checkpoint, load_tensors, save_checkpoint, write_json_atomic
 from topocl.config import ConfigError, TrainConfig, load_config, save_config
 from topocl.data import BatchSampler, pack_documents
@@ -74,6 +79,7 @@ class ContinualConfig:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     dream: DreamConfig = field(default_factory=DreamConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)  # opt-in instruments (topocl/analysis)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -170,6 +176,7 @@ class StreamRun:
         self.strategies = self._strategies()
         self.step = 0
         self.cost = {"step_times": [], "tokens": 0, "opt_bytes": 0}
+        self.telemetry: Telemetry | None = None
 
     def _base_material(self) -> tuple[list[Probe], Tensor | None]:
         if not self.cfg.eval_base:
@@ -210,7 +217,7 @@ class StreamRun:
                     meta[f"{s.name}.{k}"] = v
         save_checkpoint(self.dir / "checkpoints", next_task, self.model, None,
                         {"next_task": next_task, "step": self.step, "strategies": meta, "cost": self.cost},
-                        keep=1, tensors=tensors)
+                        keep=0 if self.cfg.analysis.keep_task_checkpoints else 1, tensors=tensors)
 
     def restore(self) -> int:
         ck = latest_checkpoint(self.dir / "checkpoints")
@@ -238,6 +245,8 @@ class StreamRun:
                    for n, p in zip(g["names"], g["params"])}
         anchor_rate = {n: g["anchor"] for g in opt.param_groups for n in g["names"]}
         sampler = BatchSampler(len(rows), tr.batch_size, seed=self.seed * 1000 + j)
+        if self.telemetry is not None:
+            self.telemetry.start_task(self.model, opt, j)
 
         def batches(step: int) -> Tensor:
             batch = rows[sampler.indices(step)]
@@ -273,6 +282,8 @@ class StreamRun:
         self.cost["opt_bytes"] = max(self.cost["opt_bytes"], optimizer_state_bytes(opt))
         for s in self.strategies:
             s.after_task(self.model, rows, j)
+        if self.telemetry is not None:  # after the strategies: drift at the task boundary
+            self.telemetry.end_task(self.model, self.step)
 
     def reset_to_init(self) -> None:
         if has_lora(self.model):  # a fresh adapter on the initial weights
@@ -289,8 +300,12 @@ class StreamRun:
         _keep_rows(results, lambda r: not (mine(r) and (start == 0 or r["step"] > done_step
                                                          or r["after_task"] >= start)))
         _keep_rows(self.dir / "metrics.jsonl", lambda r: r["task"] < start)
+        if cfg.analysis.telemetry:
+            self.telemetry = Telemetry(self.model, cfg.analysis, self.dir, start)
         if start == 0:
             _append(results, self.evaluate(self.model, self.ident, -1, 0))
+            if cfg.analysis.keep_task_checkpoints:
+                self.save(0)  # the weights before task 0, for grafting
         t0 = time.perf_counter()
         joint = cfg.reference == "joint"
         steps = [cfg.train.steps * (j + 1 if joint else 1) for j in range(len(self.tasks))]  # joint: same steps/task

@@ -163,6 +163,7 @@ class DSAttention(nn.Module):
         self.topk, self.phase, self.support, self.coeff, self.impl = c.topk, c.phase, c.kl_support, c.kl_coeff, c.impl
         self.fast_on = True
         self.gather_chunk = 512  # queries per checkpointed chunk of the gather path
+        self.capture: list[dict] | None = None  # a list = record selections (topocl/analysis/routing.py)
 
     def param_role(self, name: str) -> str:
         first = name.split(".")[0]
@@ -184,6 +185,12 @@ class DSAttention(nn.Module):
         # the indexer reads detached x: the LM loss never reaches it
         route = self._routed_gather if self.impl == "gather" else self._routed_mask
         y_r, kl, frac, recall = route(x.detach(), q, k, v)  # y_r [B, Hr, T, D]
+        if self.capture is not None:  # opt-in: the kept tokens [B, T, S] and the routed heads' probabilities
+            with torch.no_grad():
+                keep = self.select(self.indexer(x.detach()), causal_mask(t, device=x.device)[None])
+                g = q.shape[1] // k.shape[1]
+                probs = ops.attention_probs(q, repeat_kv(k, g), keep[:, None], 1.0 / math.sqrt(q.shape[-1]))
+                self.capture.append({"select": keep.cpu(), "probs": probs.cpu()})
         if not self.fast_on:
             y_r = torch.zeros_like(y_r)
         ys = [y_r]

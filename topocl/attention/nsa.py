@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from topocl.attention.ops import apply_rope, attend, attend_gathered, causal_mask, repeat_kv, topk_mask
+from topocl.attention.ops import apply_rope, attend, attend_gathered, attention_probs, causal_mask, repeat_kv, topk_mask
 from topocl.config import ModelConfig
 from topocl.registry import ATTENTION
 
@@ -208,6 +208,7 @@ class NSAttention(nn.Module):
         self.fast_on = True
         self.force_gates: tuple[float, float, float] | None = None  # tests: inject (g_cmp, g_slc, g_win)
         self.gather_chunk = 512  # queries per checkpointed chunk of the gather path
+        self.capture: list[dict] | None = None  # a list = record selections (topocl/analysis/routing.py)
 
     def reset_extra_parameters(self) -> None:
         nn.init.zeros_(self.gate.weight)
@@ -286,6 +287,12 @@ class NSAttention(nn.Module):
         if not self.fast_on:
             gates = gates * torch.tensor([1.0, 0.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1, 1)
         y = gates[:, 0] * o_cmp + gates[:, 1] * o_slc + gates[:, 2] * o_win  # [B, H, T, D]
+        if self.capture is not None:  # opt-in: selected blocks [B, Hk, T, M], gates [B, 3, H, T], slc probs
+            with torch.no_grad():
+                tok = sel.repeat_interleave(c.sel_block, dim=-1)[..., :t] & causal_mask(t, device=x.device)
+                probs = attention_probs(q, repeat_kv(k_s, g), repeat_kv(tok, g), scale)  # [B, H, T, S]
+                self.capture.append({"select": sel.cpu(), "probs": probs.cpu(),
+                                     "gates": gates.float().expand(b, 3, self.h, t, 1)[..., 0].cpu()})
         y = y.transpose(1, 2).reshape(b, t, self.h * self.d)  # [B, T, H*D]
         with torch.no_grad():  # fine tokens (selected ∪ window) per KV group / causal keys, summed over rows
             aux = {"stat.nsa_key_frac": seen / (t * (t + 1) // 2 * b * self.hk)}

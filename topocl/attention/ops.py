@@ -86,6 +86,14 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None = 
     return probs @ v  # [B, H, T, D]
 
 
+def attention_probs(q: Tensor, k: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """Masked softmax probabilities (what `attend` weights V with), fp32. q [B,H,T,D], k [B,H,S,D], mask bool
+    broadcastable to [B,H,T,S] -> [B,H,T,S]; rows with no visible key are 0. Used by the opt-in routing
+    capture (topocl/analysis/routing.py), never in a training forward."""
+    scores = ((q @ k.transpose(-1, -2)) * scale).float().masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+
+
 def attend_gathered(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
     """Softmax attention where every query row has its own gathered keys (the gather fast paths).
     q [B, Hk, G, T, D] (query heads grouped by KV head), k/v [B, Hk, T, J, D] (J keys per row), mask bool

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from topocl.attention.ops import apply_rope, attend, causal_mask, repeat_kv, sdpa_causal, topk_mask
+from topocl.attention.ops import apply_rope, attend, attention_probs, causal_mask, repeat_kv, sdpa_causal, topk_mask
 from topocl.config import ModelConfig
 from topocl.registry import ATTENTION
 
@@ -75,6 +75,7 @@ class SplitAttention(nn.Module):
         self.sparse = _Group(cfg.d_model, kb * g, kb, cfg.hd)  # group B
         self.topk, self.frac = cfg.split.topk, cfg.split.topk_frac
         self.fast_on = True
+        self.capture: list[dict] | None = None  # a list = record selections (topocl/analysis/routing.py)
 
     def param_role(self, name: str) -> str:
         return "attn.dense_heads" if name.startswith("dense.") else "attn.sparse_heads"
@@ -96,5 +97,8 @@ class SplitAttention(nn.Module):
         yb = attend(qb, kb, vb, keep, 1.0 / math.sqrt(qb.shape[-1]))  # [B, Hb, T, D]
         if self.fast_on:
             y = y + self.sparse.out(yb)
+        if self.capture is not None:  # opt-in: the sparse heads' kept keys [B, Hb, T, S] and probabilities
+            self.capture.append({"select": keep.cpu(), "probs": attention_probs(
+                qb, kb, keep, 1.0 / math.sqrt(qb.shape[-1])).detach().cpu()})
         frac = keep.float().sum(-1).mean() / visible.float().sum(-1).mean()
         return y, {"stat.split_key_frac": frac.detach()}
