@@ -360,3 +360,41 @@ def test_runner_pieces_accept_a_surgered_model(tmp_path):
         train(model, steps=1)
         moved = {n for n, v in model.state_dict().items() if not torch.equal(v, before[n])}
         assert moved and moved <= trainable
+
+
+def test_surgery_arms_run_the_stream_through_the_continual_runner(tmp_path):
+    """arms=[surgery, full, lora]: the same pretrained model, the same stream, one continual run directory per
+    arm (probe rows incl. base ability, cost.json) and one comparison report; cost ordered as the design says."""
+    model_dir, text = hf_dir(tmp_path)
+    out = tmp_path / "run"
+    opts = ("continual.stream_options={n_worlds: 2, texts_per_task: 4, rules_per_world: 2}")
+    assert cli(["configs/surgery/smollm2-135m.yaml", f"model={model_dir}", f"out_dir={out}", f"eval_text={text}",
+                "train.steps=0", "eval_seq_len=32", "eval_docs=8", "save=false", "arms=[surgery,full,lora]", opts,
+                "continual.train.steps=2", "continual.train.batch_size=2", "continual.base_rows=4",
+                "arm_overrides={lora: [train.lr=1e-2]}"]) == 0
+    costs = {}
+    for arm in ("surgery", "full", "lora"):
+        d = out / "arms" / arm
+        rows = [json.loads(r) for r in (d / "results.jsonl").read_text().splitlines()]
+        assert {r["after_task"] for r in rows} == {-1, 0, 1} and {r["run"] for r in rows} == {arm}
+        assert any(r["kind"] == "base" and r["metric"] == "bpb" for r in rows)  # held-out eval_text
+        assert any(r["eval_task"] == -1 and r["metric"] == "acc" for r in rows)  # common-sense base probes
+        costs[arm] = json.loads((d / "cost.json").read_text())
+        cfg = load_config(__import__("topocl.continual", fromlist=["x"]).ContinualConfig, d / "config.yaml")
+        assert cfg.surgery_arm == arm and cfg.train.lr == (1e-2 if arm == "lora" else 1e-3)
+    trainable = {a: c["trainable_params"] for a, c in costs.items()}
+    assert trainable["lora"] < trainable["full"] and trainable["surgery"] < trainable["full"]
+    assert costs["surgery"]["runs"][0]["trainable_by_role"]["attn.dense_heads"] == 0
+    assert costs["surgery"]["optimizer_state_bytes"] < costs["full"]["optimizer_state_bytes"]
+    assert (out / "report" / "report.md").is_file()
+
+
+def test_runner_rejects_bad_surgery_settings(tmp_path):
+    from topocl.continual import ContinualConfig, run_continual
+
+    with pytest.raises(ConfigError, match="not both"):
+        run_continual(ContinualConfig(init="x", surgery="y", out_dir=str(tmp_path / "a")))
+    with pytest.raises(ConfigError, match="surgery_arm=lora"):
+        run_continual(ContinualConfig(surgery="y", adapter="lora", out_dir=str(tmp_path / "b")))
+    with pytest.raises(ConfigError, match="use any of"):
+        cli(["configs/surgery/smollm2-135m.yaml", "arms=[dense]"])

@@ -60,6 +60,8 @@ class ContinualConfig:
     out_dir: str = "runs/continual"
     run: str = ""  # name written in results rows; "" = the out_dir's name
     init: str = ""  # pretrained run directory (topocl pretrain's out_dir)
+    surgery: str = ""  # or: a surgery config (configs/surgery/*.yaml); the stream starts from its HF model
+    surgery_arm: str = "surgery"  # with surgery=: surgery (head split) | full (every weight trains) | lora (PEFT)
     resume: bool = False
     seeds: list[int] = field(default_factory=lambda: [0])
     orders: list[int] = field(default_factory=lambda: [0])  # 0 = the stream's order; k > 0 = permutation seeded by k
@@ -162,13 +164,12 @@ class StreamRun:
         self.dir = out / f"seed{seed}-order{order}"
         self.ident = {"run": cfg.run or out.name, "seed": seed, "order": order}
         self.device = resolve_device(cfg.device)
-        self.model, self.tok, self.pcfg = load_run(cfg.init, self.device)
-        self.seq_len = self.pcfg.data.seq_len
+        torch.manual_seed(seed)  # a surgery arm's LoRA init draws here
+        self.model, self.tok, self.seq_len, base_probes, base_val = self._load()
         torch.manual_seed(seed)
         tasks = build_stream(cfg.stream, cfg.stream_options)
         self.tasks = [tasks[i] for i in task_order(len(tasks), order)]
         self.rows = [task_rows(t, self.tok, self.seq_len) for t in self.tasks]
-        base_probes, base_val = self._base_material()
         self.evaluate = Evaluator(self.tasks, base_probes, base_val, self.tok, self.device, cfg.dtype)
         self.base_val = base_val
         self.init_state = {k: v.clone() for k, v in self.model.state_dict().items()}
@@ -178,18 +179,28 @@ class StreamRun:
         self.cost = {"step_times": [], "tokens": 0, "opt_bytes": 0}
         self.telemetry: Telemetry | None = None
 
-    def _base_material(self) -> tuple[list[Probe], Tensor | None]:
-        if not self.cfg.eval_base:
-            return [], None
+    def _load(self) -> tuple[nn.Module, Any, int, list[Probe], Tensor | None]:
+        """(model, tokenizer, seq_len, base probes, held-out base rows) of init= or of surgery= (its arm)."""
+        from topocl.world import base_probes
+
+        cfg = self.cfg
+        if cfg.surgery:  # a pretrained HF model: base ability = common-sense probes + held-out eval_text bits/byte
+            from topocl.surgery.cli import SurgeryRunConfig, build_arm, heldout_rows
+
+            scfg = load_config(SurgeryRunConfig, cfg.surgery)
+            model, tok, _ = build_arm(scfg, cfg.surgery_arm, self.device)
+            if not cfg.eval_base:
+                return model, tok, scfg.eval_seq_len, [], None
+            val = heldout_rows(scfg, tok)[: cfg.base_rows] if scfg.eval_text else None
+            return model, tok, scfg.eval_seq_len, base_probes(), val
+        model, tok, pcfg = load_run(cfg.init, self.device)
+        if not cfg.eval_base:
+            return model, tok, pcfg.data.seq_len, [], None
         from topocl.data import prepare_data
 
-        data = prepare_data(self.pcfg.data, self.pcfg.seed, tokenizer=self.tok)  # same split as pretraining
-        probes = []
-        if self.pcfg.data.corpus == "synthetic":
-            from topocl.world import base_probes
-
-            probes = base_probes()
-        return probes, data.val[: self.cfg.base_rows]
+        data = prepare_data(pcfg.data, pcfg.seed, tokenizer=tok)  # same split as pretraining
+        probes = base_probes() if pcfg.data.corpus == "synthetic" else []
+        return model, tok, pcfg.data.seq_len, probes, data.val[: cfg.base_rows]
 
     def _adapt(self, model: nn.Module) -> nn.Module:
         if self.cfg.adapter == "lora":
@@ -236,7 +247,11 @@ class StreamRun:
 
     def train_task(self, rows: Tensor, j: int, steps: int, bar: tqdm, results: Path) -> None:
         cfg = self.cfg
-        roles = {**lora_policy(self.model), **cfg.train.roles} if cfg.adapter == "lora" else cfg.train.roles
+        roles = cfg.train.roles
+        if cfg.adapter == "lora":
+            roles = {**lora_policy(self.model), **roles}
+        elif cfg.surgery:  # what the arm froze stays frozen (lr_scale 0: no optimizer state)
+            roles = {**self.model.role_policy(), **roles}
         tr = dataclasses.replace(cfg.train, steps=steps, roles=roles)
         for s in self.strategies:
             s.before_task(self.model, rows, j)
@@ -286,7 +301,7 @@ class StreamRun:
             self.telemetry.end_task(self.model, self.step)
 
     def reset_to_init(self) -> None:
-        if has_lora(self.model):  # a fresh adapter on the initial weights
+        if has_lora(self.model) and not self.cfg.surgery:  # a fresh adapter on the initial weights
             self.model = self._adapt(load_run(self.cfg.init, self.device)[0])
         else:
             self.model.load_state_dict(self.init_state)
@@ -330,8 +345,15 @@ class StreamRun:
 
 
 def run_continual(cfg: ContinualConfig) -> Path:
-    if not cfg.init:
-        raise ConfigError("init= must name a pretrained run directory (topocl pretrain's out_dir)")
+    if not cfg.init and not cfg.surgery:
+        raise ConfigError("init= must name a pretrained run directory (topocl pretrain's out_dir), or surgery= a "
+                          "surgery config (configs/surgery/*.yaml)")
+    if cfg.init and cfg.surgery:
+        raise ConfigError("give init= (a TopoCL pretrained run) or surgery= (an HF model's surgery config), not both")
+    if cfg.surgery and cfg.adapter != "none":
+        raise ConfigError("with surgery= the arm chooses the adapter: surgery_arm=lora, not adapter=lora")
+    if cfg.surgery and cfg.surgery_arm not in ("surgery", "full", "lora"):
+        raise ConfigError(f"surgery_arm={cfg.surgery_arm!r}: use surgery | full | lora")
     if cfg.reference not in ("none", "joint", "single"):
         raise ConfigError(f"reference={cfg.reference!r}: use none | joint | single")
     for n in cfg.strategies:

@@ -8,11 +8,15 @@ CONFIG (configs/surgery/*.yaml) runs, on CPU or GPU:
        that group A stayed bitwise unchanged -> perplexity again
     -> save: out_dir/model is a standard HF checkpoint of the merged model (loads without TopoCL)
     -> out_dir/surgery.json (report, perplexities, timings) and out_dir/config.yaml (resolved)
+    -> arms=[surgery, full, lora]: the continual stream `continual.*` (worlds, campaign, jsonl; strategies, seeds,
+       orders, train.*) on each arm from the same pretrained model, through the continual runner (forgetting, base
+       ability = common-sense probes + held-out eval_text bits/byte, cost) -> out_dir/arms/{arm}/ and the
+       comparison report out_dir/report/report.md
 `inspect` builds the architecture without weights and prints layers, heads, KV groups, what would be split
 and parameters per role (surgery overrides such as layers=[0,1] kv_groups=[0] apply).
 
-Hook for the continual runner (topocl.continual; a stream on a surgered model, against full FT and LoRA on
-the same model). Everything the runner needs has the GPT interface it already uses:
+The continual runner takes such a model with `surgery=PATH surgery_arm=ARM` (instead of init=). What it uses
+has the GPT interface the runner already knows:
 
     scfg = load_config(SurgeryRunConfig, path, overrides)
     model, tok, report = build_arm(scfg, arm, device)   # arm: surgery | full | lora
@@ -29,6 +33,7 @@ inject their own adapters through PEFT; topocl.lora.target_modules raises KeyErr
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import time
@@ -38,7 +43,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from topocl.config import TrainConfig, apply_overrides, load_config, save_config
+from topocl.config import ConfigError, TrainConfig, apply_overrides, load_config, save_config
+from topocl.continual import ContinualConfig, run_continual
 from topocl.data import BatchSampler, load_corpus, pack_documents
 from topocl.optim import build_optimizer, optimizer_state_bytes
 from topocl.surgery.head_split import HeadSplitConfig, SurgeryReport, apply_head_split, save
@@ -68,6 +74,9 @@ class SurgeryRunConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=0, batch_size=8, lr=1e-4, warmup_steps=2,
                                                                    weight_decay=0.0, log_every=5))
     save: bool = True  # write out_dir/model (merged HF checkpoint + tokenizer)
+    arms: list[str] = field(default_factory=list)  # continual stream on each arm: surgery | full | lora ([] = none)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)  # the stream every arm runs
+    arm_overrides: dict[str, list[str]] = field(default_factory=dict)  # per arm, e.g. {lora: ["train.lr=1e-3"]}
 
 
 def build_arm(cfg: SurgeryRunConfig, arm: str, device: torch.device | str = "cpu"
@@ -124,7 +133,24 @@ def finetune(model: CausalLM, rows: Tensor, cfg: SurgeryRunConfig, device: torch
             "optimizer_state_bytes": optimizer_state_bytes(opt)}
 
 
+def run_arms(cfg: SurgeryRunConfig, out: Path) -> list[Path]:
+    """The continual stream cfg.continual on each of cfg.arms, every arm starting from the same pretrained model
+    (out/config.yaml), through the one continual runner: out/arms/{arm}/ are ordinary continual run directories
+    (results.jsonl, cost.json), so `topocl report out/arms/*` compares them."""
+    dirs = []
+    for arm in cfg.arms:
+        ccfg = dataclasses.replace(copy.deepcopy(cfg.continual), out_dir=str(out / "arms" / arm), run=arm, init="",
+                                   surgery=str(out / "config.yaml"), surgery_arm=arm)
+        ccfg = apply_overrides(ccfg, cfg.arm_overrides.get(arm, []), source=f"arm_overrides.{arm}")
+        print(f"continual stream {ccfg.stream} on arm {arm!r} -> {ccfg.out_dir}")
+        dirs.append(run_continual(ccfg))
+    return dirs
+
+
 def run_surgery(cfg: SurgeryRunConfig) -> Path:
+    bad = sorted((set(cfg.arms) | set(cfg.arm_overrides)) - set(ARMS))
+    if bad:
+        raise ConfigError(f"arms / arm_overrides name {bad}: use any of {', '.join(ARMS)}")
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     out = Path(cfg.out_dir)
@@ -166,6 +192,13 @@ def run_surgery(cfg: SurgeryRunConfig) -> Path:
     for stage, ev in result["ppl"].items():
         print(f"held-out {stage:<10} {ev['val_loss']:.4f} nats/token  {ev.get('val_bpb', float('nan')):.4f} bits/byte"
               f"  ppl {ev['ppl']:.2f}")
+    if cfg.arms:
+        del hf, model  # each arm loads its own copy of the pretrained model
+        dirs = run_arms(cfg, out)
+        from topocl.report import write_report
+
+        report = write_report(dirs, out / "report", None, None)
+        print(f"comparison of arms {', '.join(cfg.arms)}: {report}")
     return out
 
 
