@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "continual": ("topocl.continual", "run a task stream on a pretrained model: topocl continual CONFIG [k=v ...]"),
     "params": ("topocl.params", "parameters per role (and the matched dense control): topocl params CONFIG"),
     "surgery": ("topocl.surgery.cli", "head-split surgery on an HF model: topocl surgery CONFIG | inspect MODEL"),
+    "arena": ("topocl.arena.cli", "human-vote arena for long role-play: topocl arena serve | ratings | loadtest"),
 }
 
 

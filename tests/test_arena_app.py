@@ -1,0 +1,212 @@
+"""The arena web app through FastAPI's TestClient: the session flow, anonymity, one idempotent vote per turn,
+CSRF, malformed requests (4xx, never 500), rate limiting, the admin page, restarts, the ratings export."""
+
+import csv
+import io
+import json
+
+import pytest
+from markupsafe import escape
+
+pytest.importorskip("fastapi")
+from arena_util import CSRF  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+from topocl.arena.app import ArenaSettings, create_app  # noqa: E402
+from topocl.arena.cli import cli as arena_cli  # noqa: E402
+from topocl.arena.db import Turn, open_db, schema_version  # noqa: E402
+from topocl.arena.service import ArenaError  # noqa: E402
+from topocl.arena.serving import ModelSpec, demo_specs  # noqa: E402
+
+NAMES = ("scripted-keeper", "scripted-forgetter")
+
+
+def make(tmp_path, **kw):
+    settings = ArenaSettings(db_url=f"sqlite:///{tmp_path / 'arena.db'}", **kw)
+    client = TestClient(create_app(settings), raise_server_exceptions=False)
+    csrf = CSRF.search(client.get("/").text).group(1)
+    return client, csrf
+
+
+def start(client, csrf, world="campaign:0", **extra):
+    r = client.post("/sessions", data={"csrf": csrf, "world": world, **extra}, follow_redirects=False)
+    assert r.status_code == 303, r.text
+    return r.headers["location"].rsplit("/", 1)[-1]
+
+
+def turn(client, csrf, sid, text="I open the door."):
+    return client.post(f"/s/{sid}/turns", data={"csrf": csrf, "text": text}, follow_redirects=False)
+
+
+def vote(client, csrf, sid, idx, outcome):
+    return client.post(f"/s/{sid}/turns/{idx}/vote", data={"csrf": csrf, "outcome": outcome}, follow_redirects=False)
+
+
+def test_session_flow_anonymity_and_shared_history(tmp_path):
+    c, csrf = make(tmp_path)
+    sid = start(c, csrf)
+    seen = []
+    for idx, outcome in enumerate(["a", "b", "both_bad", "tie"]):
+        assert turn(c, csrf, sid, f"Action number {idx}.").status_code == 303
+        page = c.get(f"/s/{sid}").text
+        seen.append(page)
+        assert 'data-testid="reply-a"' in page and 'data-testid="reply-b"' in page
+        assert vote(c, csrf, sid, idx, outcome).status_code == 303
+        seen.append(c.get(f"/s/{sid}").text)
+    assert not any(n in p for p in seen for n in NAMES)  # names never shown before the end
+    app = c.app
+    with app.state.factory() as db:
+        turns = db.query(Turn).filter_by(session_id=sid).order_by(Turn.idx).all()
+    assert [t.committed for t in turns[:3]] == ["a", "b", "none"] and turns[3].committed in ("a", "b")
+    page = c.get(f"/s/{sid}").text
+    assert escape(turns[0].reply_a) in page and escape(turns[1].reply_b) in page
+    assert "(both replies rejected)" in page
+    assert "GM note:" in page  # a campaign fact introduced at turn 2
+    # the next turn's prompt is built from the committed replies only
+    assert all(t.proxy and t.proxy["a"]["n_probes"] >= 0 for t in turns)
+    assert turns[3].proxy["a"]["n_probes"] > 0  # facts of the premise are probed from turn 1 on
+    assert c.post(f"/s/{sid}/finish", data={"csrf": csrf}, follow_redirects=False).status_code == 303
+    final = c.get(f"/s/{sid}").text
+    assert 'data-testid="reveal"' in final and all(n in final for n in NAMES)
+    assert turn(c, csrf, sid).status_code == 409  # ended
+
+
+def test_one_vote_per_turn_is_idempotent(tmp_path):
+    c, csrf = make(tmp_path)
+    sid = start(c, csrf)
+    turn(c, csrf, sid)
+    assert turn(c, csrf, sid).status_code == 409  # the last turn has no vote yet
+    assert vote(c, csrf, sid, 0, "a").status_code == 303
+    assert vote(c, csrf, sid, 0, "a").status_code == 303  # the same vote again: no-op
+    assert vote(c, csrf, sid, 0, "b").status_code == 409  # a different vote: refused
+    assert c.get("/api/ratings").json()["votes"] == 1
+
+
+def test_own_premise_with_facts_and_rules(tmp_path):
+    c, csrf = make(tmp_path)
+    facts = "The sword is called | Emberfang | Frostbite, Nightfall\nrule: Magic is paid for with | memories | gold"
+    sid = start(c, csrf, "custom", title="Harbour", premise="A rainy harbour town.", facts=facts)
+    turn(c, csrf, sid)
+    vote(c, csrf, sid, 0, "a")
+    turn(c, csrf, sid)
+    with c.app.state.factory() as db:
+        t = db.query(Turn).filter_by(session_id=sid, idx=1).one()
+    assert t.proxy["a"]["n_probes"] == 2 and t.proxy["a"]["recall"] in (0.0, 1.0)
+    r = c.post("/sessions", data={"csrf": csrf, "world": "custom", "premise": "x", "facts": "no pipes here"})
+    assert r.status_code == 422
+
+
+def test_csrf_is_required(tmp_path):
+    c, csrf = make(tmp_path)
+    assert c.post("/sessions", data={"world": "campaign:0"}).status_code == 422  # no token
+    assert c.post("/sessions", data={"csrf": "forged", "world": "campaign:0"}).status_code == 403
+    other = TestClient(c.app)  # another browser: its cookie does not match this token
+    assert other.post("/sessions", data={"csrf": csrf, "world": "campaign:0"}).status_code == 403
+
+
+def test_malformed_requests_get_4xx_never_500(tmp_path):
+    c, csrf = make(tmp_path)
+    sid = start(c, csrf)
+    cases = {
+        "unknown session": (c.get("/s/" + "0" * 32), 404),
+        "bad session id": (c.get("/s/../../etc/passwd"), 404),
+        "injection-like id": (c.get("/s/1' OR '1'='1"), 404),
+        "turn index not int": (c.post(f"/s/{sid}/turns/abc/vote", data={"csrf": csrf, "outcome": "a"}), 422),
+        "no such turn": (vote(c, csrf, sid, 7, "a"), 404),
+        "negative turn": (vote(c, csrf, sid, -1, "a"), 404),
+        "bad outcome": (vote(c, csrf, sid, 0, "left"), 422),
+        "empty turn": (turn(c, csrf, sid, "   "), 422),
+        "turn too long": (turn(c, csrf, sid, "x" * 2500), 413),
+        "body too large": (turn(c, csrf, sid, "x" * 40000), 413),  # body over max_body
+        "json body to a form": (c.post(f"/s/{sid}/turns", json={"csrf": csrf, "text": "hi"}), 422),
+        "wrong method": (c.get(f"/s/{sid}/turns"), 405),
+        "unknown world": (c.post("/sessions", data={"csrf": csrf, "world": "campaign:99"}), 422),
+        "custom without premise": (c.post("/sessions", data={"csrf": csrf, "world": "custom"}), 422),
+        "unknown page": (c.get("/nope"), 404),
+        "bad content length": (c.post("/sessions", content=b"a=1", headers={"content-length": "abc"}), 413),
+        "admin off": (c.get("/admin"), 404),
+    }
+    for name, (resp, status) in cases.items():
+        assert resp.status_code == status, f"{name}: {resp.status_code} {resp.text[:200]}"
+    assert all(r.status_code < 500 for r, _ in cases.values())
+
+
+def test_rate_limit_per_client(tmp_path):
+    c, csrf = make(tmp_path, posts_per_minute=3)
+    codes = [c.post("/sessions", data={"csrf": csrf, "world": "campaign:0"}, follow_redirects=False).status_code
+             for _ in range(4)]
+    assert codes == [303, 303, 303, 429]
+    assert c.get("/").status_code == 200  # page views have their own, larger budget
+
+
+def test_admin_page_behind_a_token(tmp_path):
+    c, csrf = make(tmp_path, admin_token="s3cret")
+    sid = start(c, csrf)
+    turn(c, csrf, sid)
+    vote(c, csrf, sid, 0, "a")
+    assert c.get("/admin").status_code == 401
+    assert c.get("/admin/votes.csv").status_code == 403
+    assert c.post("/admin/login", data={"csrf": csrf, "token": "guess"}).status_code == 403
+    assert c.post("/admin/login", data={"csrf": csrf, "token": "s3cret"}, follow_redirects=False).status_code == 303
+    page = c.get("/admin")
+    assert page.status_code == 200 and all(n in page.text for n in NAMES)
+    rows = list(csv.DictReader(io.StringIO(c.get("/admin/votes.csv").text)))
+    assert len(rows) == 1 and rows[0]["session_id"] == sid and rows[0]["outcome"] == "a"
+
+
+def test_sessions_survive_a_restart(tmp_path):
+    c, csrf = make(tmp_path)
+    sid = start(c, csrf)
+    turn(c, csrf, sid, "Before the restart.")
+    vote(c, csrf, sid, 0, "b")
+    turn(c, csrf, sid, "Voted after the restart.")
+    with c.app.state.factory() as db:  # a generation that was running when the server stopped
+        t = db.query(Turn).filter_by(session_id=sid, idx=1).one()
+        t.status = "generating"
+        db.commit()
+    c.app.state.engine.dispose()
+    c2 = TestClient(create_app(ArenaSettings(db_url=f"sqlite:///{tmp_path / 'arena.db'}")), cookies=c.cookies)
+    page = c2.get(f"/s/{sid}").text
+    assert "Before the restart." in page and 'data-testid="turn-form"' in page  # the stale claim was freed
+    assert turn(c2, csrf, sid, "Again.").status_code == 303 and vote(c2, csrf, sid, 1, "a").status_code == 303
+    assert schema_version(c2.app.state.engine) == 1
+    assert c2.get("/api/ratings").json()["votes"] == 2
+
+
+def test_a_failing_model_gives_503_and_frees_the_turn(tmp_path):
+    specs = [ModelSpec("good", "scripted"), ModelSpec("broken", "topocl", path=str(tmp_path / "missing"))]
+    c, csrf = make(tmp_path, specs=specs)
+    sid = start(c, csrf)
+    assert turn(c, csrf, sid).status_code == 503
+    page = c.get(f"/s/{sid}").text
+    assert 'data-testid="turn-form"' in page and "broken" not in page
+
+
+def test_ratings_cli_exports_votes_and_ratings(tmp_path, capsys):
+    c, csrf = make(tmp_path)
+    for outcome in ("a", "b", "tie"):
+        sid = start(c, csrf)
+        turn(c, csrf, sid)
+        vote(c, csrf, sid, 0, outcome)
+    url = f"sqlite:///{tmp_path / 'arena.db'}"
+    assert arena_cli(["ratings", "--db", url, "--rounds", "20"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["votes"]) == 3 and {r["model"] for r in data["ratings"]} == set(NAMES)
+    assert sum(r["votes"] for r in data["ratings"]) == 6 and "rate" in data["agreement"]
+    assert arena_cli(["ratings", "--db", url, "--format", "csv", "--out", str(tmp_path / "v.csv")]) == 0
+    assert len(list(csv.DictReader(open(tmp_path / "v.csv")))) == 3
+    assert {r["model"] for r in csv.DictReader(open(tmp_path / "v.ratings.csv"))} == set(NAMES)
+    assert "agreement" in c.get("/leaderboard").text
+
+
+def test_migrations_are_recorded_once(tmp_path):
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    engine, _ = open_db(url)
+    from topocl.arena.db import migrate
+
+    assert migrate(engine) == [] and schema_version(engine) == 1
+
+
+def test_arena_error_carries_status():
+    e = ArenaError(409, "x")
+    assert e.status == 409 and e.message == "x" and len(demo_specs()) == 2

@@ -1,0 +1,130 @@
+"""`topocl arena serve | ratings | loadtest`.
+
+    topocl arena serve   [--db URL] [--models CONFIG] [--run-dir DIR] [--host H] [--port P] [--admin-token T]
+    topocl arena ratings [--db URL] [--run-dir DIR] [--format json|csv] [--rounds N] [--out FILE]
+    topocl arena loadtest URL [--players N] [--turns T]
+
+Without --db the database is SQLite at RUN_DIR/arena.db (default run directory runs/arena). Without
+--models the arena serves two scripted demo models. `ratings --format json` prints the leaderboard, the
+proxy agreement and every vote; `--format csv` prints the votes table, a blank line and the ratings table
+(with --out FILE: the votes to FILE, the ratings to FILE with suffix .ratings.csv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+
+def db_url(args: argparse.Namespace) -> str:
+    if args.db:
+        return args.db
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{run_dir / 'arena.db'}"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from topocl.arena.app import ArenaSettings, create_app
+    from topocl.arena.serving import demo_specs, load_specs
+
+    specs = load_specs(args.models) if args.models else demo_specs()
+    token = args.admin_token or os.environ.get("ARENA_ADMIN_TOKEN", "")
+    settings = ArenaSettings(db_url=db_url(args), specs=specs, admin_token=token, secure_cookies=args.secure_cookies)
+    app = create_app(settings)
+    names = ", ".join(s.name for s in specs)
+    print(f"arena: {len(specs)} models ({names}); database {settings.db_url}; admin page "
+          f"{'on' if token else 'off'}; http://{args.host}:{args.port}/", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def ratings_export(url: str, rounds: int = 200) -> dict:
+    """Leaderboard, proxy agreement and all votes of the database at `url` (plain JSON types)."""
+    from topocl.arena.db import open_db
+    from topocl.arena.ratings import leaderboard, proxy_agreement
+    from topocl.arena.service import all_votes, as_rating_votes
+
+    engine, factory = open_db(url)
+    with factory() as db:
+        rows = all_votes(db)
+    engine.dispose()
+    votes = as_rating_votes(rows)
+
+    def clean(x: float | None) -> float | None:
+        return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+    board = [{k: clean(v) if isinstance(v, float) else v for k, v in asdict(r).items()}
+             for r in leaderboard(votes, rounds=rounds)]
+    return {"ratings": board, "agreement": {k: clean(v) for k, v in proxy_agreement(votes).items()},
+            "votes": [{"id": r.id, "session_id": r.session_id, "turn_idx": r.turn_idx, "outcome": r.outcome,
+                       "model_a": r.model_a, "model_b": r.model_b, "proxy_a": r.proxy_a, "proxy_b": r.proxy_b,
+                       "created_at": r.created_at.isoformat()} for r in rows]}
+
+
+def _table_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return buf.getvalue()
+
+
+def _ratings(args: argparse.Namespace) -> int:
+    data = ratings_export(db_url(args), args.rounds)
+    if args.format == "json":
+        text = json.dumps(data, indent=2)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        else:
+            print(text)
+        return 0
+    votes, board = _table_csv(data["votes"]), _table_csv(data["ratings"])
+    if args.out:
+        out = Path(args.out)
+        out.write_text(votes)
+        out.with_suffix(".ratings.csv").write_text(board)
+    else:
+        sys.stdout.write(votes + "\n" + board)
+    return 0
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    from topocl.arena.loadtest import run_load
+
+    print(json.dumps(run_load(args.url, players=args.players, turns=args.turns), indent=2))
+    return 0
+
+
+def cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="topocl arena", description="human-feedback arena for long role-play")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="start the web app")
+    r = sub.add_parser("ratings", help="export votes and ratings")
+    for q in (s, r):
+        q.add_argument("--db", default="", help="SQLAlchemy URL (default: SQLite in --run-dir)")
+        q.add_argument("--run-dir", default="runs/arena", help="where the default SQLite file lives")
+    s.add_argument("--models", default="", help="models YAML (default: two scripted demo models)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--admin-token", default="", help="enables /admin (or set ARENA_ADMIN_TOKEN)")
+    s.add_argument("--secure-cookies", action="store_true", help="mark cookies Secure (serving over HTTPS)")
+    r.add_argument("--format", choices=("json", "csv"), default="json")
+    r.add_argument("--rounds", type=int, default=200, help="bootstrap rounds (sessions resampled)")
+    r.add_argument("--out", default="", help="write here instead of stdout")
+    lt = sub.add_parser("loadtest", help="simulated concurrent players against a running arena")
+    lt.add_argument("url")
+    lt.add_argument("--players", type=int, default=8)
+    lt.add_argument("--turns", type=int, default=3)
+    args = p.parse_args(argv)
+    return {"serve": _serve, "ratings": _ratings, "loadtest": _loadtest}[args.cmd](args)

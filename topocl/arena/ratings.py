@@ -1,0 +1,208 @@
+"""Arena ratings: pure functions of vote rows (no database, no web code).
+
+A vote is (session, model_a, model_b, outcome) with outcome a | b | tie | both_bad; ties and both-bad both
+count as half a win for each side (FastChat's convention).
+
+    bt_fit            Bradley-Terry maximum likelihood: P(i beats j) = sigmoid(beta_i - beta_j), fitted by
+                      Newton's method on the (optionally L2-penalised) log-likelihood; reported on the Elo
+                      scale R = 1000 + 400 / ln(10) * beta, centred so the mean rating is 1000 (or so that an
+                      anchor model is 1000). Two models: R_a - R_b = 400 * log10(p / (1 - p)), p = (W + T/2)/N.
+    bootstrap_bt      percentile CIs from refits on resampled *sessions* (votes within a session are
+                      correlated, so resampling votes would make the intervals too narrow)
+    online_elo        the order-dependent online Elo (K = 4), for comparison only
+    leaderboard       all of the above per model, with the CI-aware rank 1 + #{m': lo(m') > hi(m)}
+    proxy_agreement   how often the automatic proxy score picks the side the human picked
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+OUTCOMES = ("a", "b", "tie", "both_bad")
+SCALE = 400.0 / math.log(10.0)  # natural-log strength -> Elo points
+
+
+@dataclass(frozen=True)
+class Vote:
+    session: str
+    model_a: str
+    model_b: str
+    outcome: str  # a | b | tie | both_bad
+    proxy_a: float | None = None  # automatic proxy score of side A's reply (higher = better)
+    proxy_b: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.outcome not in OUTCOMES:
+            raise ValueError(f"vote outcome {self.outcome!r} not in {OUTCOMES}")
+        if self.model_a == self.model_b:
+            raise ValueError(f"a vote needs two different models, got {self.model_a!r} twice")
+
+    @property
+    def score_a(self) -> float:
+        """Side A's share of the win: 1, 0 or 1/2 (tie and both-bad)."""
+        return {"a": 1.0, "b": 0.0}.get(self.outcome, 0.5)
+
+
+def _models(votes: Sequence[Vote], models: Iterable[str] | None) -> list[str]:
+    names = set(models or ())
+    for v in votes:
+        names.update((v.model_a, v.model_b))
+    return sorted(names)
+
+
+def bt_fit(votes: Sequence[Vote], models: Iterable[str] | None = None, *, reg: float = 0.0,
+           anchor: str | None = None, max_iter: int = 100, tol: float = 1e-10) -> dict[str, float]:
+    """Bradley-Terry MLE on the Elo scale (see module docstring).
+
+    reg is an L2 penalty reg/2 * sum(beta^2) on the natural-log strengths: 0 is the plain MLE (which is
+    infinite for a model that won every vote: Newton then stops at max_iter), a small value (the leaderboard
+    uses 1e-2, a prior with sd 10 nats) keeps every rating finite. Models without votes get 1000."""
+    names = _models(votes, models)
+    if not names:
+        return {}
+    idx = {m: i for i, m in enumerate(names)}
+    n = len(names)
+    pairs: dict[tuple[int, int], list[float]] = {}  # (i, j) -> [score of i summed, count]
+    for v in votes:
+        key = (idx[v.model_a], idx[v.model_b])
+        acc = pairs.setdefault(key, [0.0, 0.0])
+        acc[0] += v.score_a
+        acc[1] += 1.0
+    if pairs:
+        ij = np.array(list(pairs), dtype=np.int64)  # [K, 2]
+        y = np.array([s for s, _ in pairs.values()])  # [K] summed scores of the first model
+        w = np.array([c for _, c in pairs.values()])  # [K] counts
+    beta = np.zeros(n)
+    for _ in range(max_iter if pairs else 0):
+        d = beta[ij[:, 0]] - beta[ij[:, 1]]
+        p = 1.0 / (1.0 + np.exp(-d))
+        r = y - w * p  # [K] residual in score units
+        grad = np.zeros(n)
+        np.add.at(grad, ij[:, 0], r)
+        np.add.at(grad, ij[:, 1], -r)
+        grad -= reg * beta
+        c = w * p * (1.0 - p)
+        hess = np.zeros((n, n))  # negative Hessian (Laplacian of the comparison graph, weighted)
+        np.add.at(hess, (ij[:, 0], ij[:, 0]), c)
+        np.add.at(hess, (ij[:, 1], ij[:, 1]), c)
+        np.add.at(hess, (ij[:, 0], ij[:, 1]), -c)
+        np.add.at(hess, (ij[:, 1], ij[:, 0]), -c)
+        hess += reg * np.eye(n)
+        step = np.linalg.lstsq(hess, grad, rcond=None)[0]  # minimum-norm step: the shift stays unidentified
+        step = np.clip(step, -5.0, 5.0)  # damp the first steps of a near-separable fit
+        beta += step
+        beta -= beta.mean()
+        if float(np.max(np.abs(step))) < tol:
+            break
+    ratings = 1000.0 + SCALE * beta
+    shift = ratings[idx[anchor]] - 1000.0 if anchor is not None and anchor in idx else float(ratings.mean()) - 1000.0
+    return {m: float(ratings[i] - shift) for m, i in idx.items()}
+
+
+def bootstrap_bt(votes: Sequence[Vote], models: Iterable[str] | None = None, *, rounds: int = 200, seed: int = 0,
+                 reg: float = 1e-2, anchor: str | None = None, level: float = 0.95
+                 ) -> dict[str, tuple[float, float]]:
+    """Percentile interval per model from `rounds` BT refits, each on sessions drawn with replacement (all
+    votes of a drawn session come along). A model absent from a resample is left out of that round."""
+    names = _models(votes, models)
+    by_session: dict[str, list[Vote]] = {}
+    for v in votes:
+        by_session.setdefault(v.session, []).append(v)
+    sessions = sorted(by_session)
+    if not sessions or rounds <= 0:
+        return {m: (math.nan, math.nan) for m in names}
+    rng = np.random.default_rng(seed)
+    draws = np.full((rounds, len(names)), np.nan)
+    for r in range(rounds):
+        pick = rng.integers(0, len(sessions), len(sessions))
+        sample = [v for k in pick for v in by_session[sessions[k]]]
+        fit = bt_fit(sample, reg=reg, anchor=anchor)
+        draws[r] = [fit.get(m, math.nan) for m in names]
+    lo_q, hi_q = 50.0 * (1.0 - level), 50.0 * (1.0 + level)
+    out = {}
+    for i, m in enumerate(names):
+        col = draws[:, i][~np.isnan(draws[:, i])]
+        out[m] = (float(np.percentile(col, lo_q)), float(np.percentile(col, hi_q))) if len(col) else (math.nan,
+                                                                                                     math.nan)
+    return out
+
+
+def online_elo(votes: Sequence[Vote], models: Iterable[str] | None = None, *, k: float = 4.0,
+               init: float = 1000.0) -> dict[str, float]:
+    """Online Elo in vote order: R_a += K (s_a - E_a), R_b -= K (s_a - E_a), E_a = 1/(1 + 10^((R_b-R_a)/400))."""
+    r = {m: init for m in _models(votes, models)}
+    for v in votes:
+        ea = 1.0 / (1.0 + 10.0 ** ((r[v.model_b] - r[v.model_a]) / 400.0))
+        delta = k * (v.score_a - ea)
+        r[v.model_a] += delta
+        r[v.model_b] -= delta
+    return r
+
+
+@dataclass
+class Row:
+    model: str
+    rating: float  # Bradley-Terry, Elo scale
+    ci_low: float
+    ci_high: float
+    elo: float  # online Elo
+    rank: int  # 1 + number of models whose CI lies entirely above this one's
+    votes: int
+    wins: int
+    ties: int  # tie and both-bad
+    losses: int
+    both_bad: int
+
+
+def leaderboard(votes: Sequence[Vote], models: Iterable[str] | None = None, *, rounds: int = 200, seed: int = 0,
+                reg: float = 1e-2) -> list[Row]:
+    """One row per model, best rating first."""
+    names = _models(votes, models)
+    bt = bt_fit(votes, names, reg=reg)
+    ci = bootstrap_bt(votes, names, rounds=rounds, seed=seed, reg=reg)
+    elo = online_elo(votes, names)
+    tally = {m: [0, 0, 0, 0, 0] for m in names}  # votes, wins, ties, losses, both_bad
+    for v in votes:
+        for side, m in (("a", v.model_a), ("b", v.model_b)):
+            t = tally[m]
+            t[0] += 1
+            if v.outcome in ("tie", "both_bad"):
+                t[2] += 1
+                t[4] += v.outcome == "both_bad"
+            elif v.outcome == side:
+                t[1] += 1
+            else:
+                t[3] += 1
+    rows = []
+    for m in names:
+        lo, hi = ci[m]
+        above = sum(1 for o in names if o != m and not math.isnan(ci[o][0]) and not math.isnan(hi) and ci[o][0] > hi)
+        rows.append(Row(m, bt[m], lo, hi, elo[m], 1 + above, *tally[m]))
+    return sorted(rows, key=lambda r: (-r.rating, r.model))
+
+
+def proxy_agreement(votes: Sequence[Vote]) -> dict[str, float]:
+    """Agreement between human votes and the proxy score.
+
+    rate: over votes with a human winner (a or b) and proxy scores that differ, the fraction where the proxy
+    favours the human's choice (n counts them). kappa: Cohen's kappa over all votes with proxy scores, three
+    classes (a, b, tie), a human both-bad counting as tie and equal proxy scores as a proxy tie."""
+    scored = [v for v in votes if v.proxy_a is not None and v.proxy_b is not None]
+    decided = [v for v in scored if v.outcome in ("a", "b") and v.proxy_a != v.proxy_b]
+    agree = sum((v.outcome == "a") == (v.proxy_a > v.proxy_b) for v in decided)
+    out = {"rate": agree / len(decided) if decided else math.nan, "n": float(len(decided)),
+           "n_scored": float(len(scored)), "kappa": math.nan}
+    if scored:
+        def proxy(v: Vote) -> str:
+            return "a" if v.proxy_a > v.proxy_b else "b" if v.proxy_b > v.proxy_a else "tie"
+
+        human = ["tie" if v.outcome == "both_bad" else v.outcome for v in scored]
+        auto = [proxy(v) for v in scored]
+        po = sum(h == a for h, a in zip(human, auto)) / len(scored)
+        pe = sum((human.count(c) / len(scored)) * (auto.count(c) / len(scored)) for c in ("a", "b", "tie"))
+        out["kappa"] = (po - pe) / (1.0 - pe) if pe < 1.0 else math.nan
+    return out

@@ -1,0 +1,185 @@
+"""Arena session logic without web code: start a session, play a turn, vote, finish, export votes.
+
+Errors a client can cause raise `ArenaError(status, message)`; the web layer turns them into 4xx pages.
+Invariants: one vote per turn (a unique constraint; the same vote again is a no-op, a different one a 409),
+at most one unvoted turn per session, model names leave the server only once the session is finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import secrets
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from topocl.arena.db import ArenaSession, Turn, VoteRow, utcnow
+from topocl.arena.proxies import render_prompt, score_reply
+from topocl.arena.ratings import OUTCOMES, Vote
+from topocl.arena.serving import ModelPool
+
+SESSION_ID_CHARS = frozenset("0123456789abcdef")
+
+
+class ArenaError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Limits:
+    turn_chars: int = 2000
+    premise_chars: int = 8000
+    turns_per_session: int = 500
+
+
+def client_hash(client_id: str) -> str:
+    return hashlib.sha256(client_id.encode()).hexdigest()[:32]
+
+
+def valid_session_id(sid: str) -> bool:
+    return len(sid) == 32 and set(sid) <= SESSION_ID_CHARS
+
+
+def get_session(db: Session, sid: str) -> ArenaSession:
+    s = db.get(ArenaSession, sid) if valid_session_id(sid) else None
+    if s is None:
+        raise ArenaError(404, "no such session")
+    return s
+
+
+def start_session(db: Session, pool: ModelPool, world: dict, client_id: str, rng: random.Random | None = None
+                  ) -> ArenaSession:
+    """Two different models drawn at random; which one is A (left) is a fair coin flip."""
+    rng = rng or random.SystemRandom()
+    a, b = rng.sample(pool.names, 2)  # a uniformly random ordered pair: random sides
+    s = ArenaSession(id=uuid.uuid4().hex, world=world, model_a=a, model_b=b, status="open",
+                     seed=secrets.randbelow(2**31), client=client_hash(client_id))
+    db.add(s)
+    db.commit()
+    return s
+
+
+def turns_of(db: Session, sid: str) -> list[Turn]:
+    return list(db.scalars(select(Turn).where(Turn.session_id == sid).order_by(Turn.idx)))
+
+
+def committed_reply(t: Turn) -> str | None:
+    return {"a": t.reply_a, "b": t.reply_b}.get(t.committed or "")
+
+
+def play_turn(factory: sessionmaker, pool: ModelPool, sid: str, text: str, limits: Limits) -> int:
+    """Claim the next turn, generate both replies (concurrently), score the proxies, store; returns the
+    turn index. The claim is a row with status 'generating', so a second submit races on the unique index."""
+    text = text.strip()
+    if not text:
+        raise ArenaError(422, "write something first")
+    if len(text) > limits.turn_chars:
+        raise ArenaError(413, f"a turn is at most {limits.turn_chars} characters")
+    with factory() as db:
+        s = get_session(db, sid)
+        if s.status != "open":
+            raise ArenaError(409, "this session has ended")
+        turns = turns_of(db, sid)
+        if turns and turns[-1].status != "voted":
+            raise ArenaError(409, "vote on the last turn first")
+        if len(turns) >= limits.turns_per_session:
+            raise ArenaError(409, f"a session has at most {limits.turns_per_session} turns")
+        idx = len(turns)
+        history = [{"player_text": t.player_text, "reply": committed_reply(t)} for t in turns]
+        world, seed, ma, mb = s.world, s.seed, s.model_a, s.model_b
+        db.add(Turn(session_id=sid, idx=idx, player_text=text, status="generating"))
+        try:
+            db.commit()
+        except IntegrityError:
+            raise ArenaError(409, "this turn is already being played") from None
+    try:
+        prompt = render_prompt(world, history, text, idx)
+        turn_seed = (seed * 1_000_003 + idx) % 2**31
+        ra, rb, msa, msb = pool.pair(ma, mb, prompt, turn_seed)
+        proxy = {side: score_reply(pool.backends[m], world, prompt, r, idx, seed)
+                 for side, m, r in (("a", ma, ra), ("b", mb, rb))}
+    except Exception:
+        with factory() as db:  # free the claim so the player can try again
+            db.execute(delete(Turn).where(Turn.session_id == sid, Turn.idx == idx))
+            db.commit()
+        raise
+    with factory() as db:
+        t = db.scalar(select(Turn).where(Turn.session_id == sid, Turn.idx == idx))
+        t.reply_a, t.reply_b, t.ms_a, t.ms_b, t.proxy, t.status = ra, rb, msa, msb, proxy, "ready"
+        db.get(ArenaSession, sid).updated_at = utcnow()
+        db.commit()
+    return idx
+
+
+def cast_vote(factory: sessionmaker, sid: str, idx: int, outcome: str, client_id: str) -> bool:
+    """Record the vote on turn `idx`; True if new, False if the same vote was already there (idempotent).
+    The winning reply becomes the story's (a tie commits one of the two by a seeded coin, both-bad neither)."""
+    if outcome not in OUTCOMES:
+        raise ArenaError(422, f"outcome must be one of {', '.join(OUTCOMES)}")
+    for _ in range(2):  # a lost race on the unique index is re-read once
+        with factory() as db:
+            s = get_session(db, sid)
+            t = db.scalar(select(Turn).where(Turn.session_id == sid, Turn.idx == idx))
+            if t is None or t.status == "generating":
+                raise ArenaError(404, "no such turn to vote on")
+            old = db.scalar(select(VoteRow).where(VoteRow.session_id == sid, VoteRow.turn_idx == idx))
+            if old is not None:
+                if old.outcome == outcome:
+                    return False
+                raise ArenaError(409, "this turn already has a different vote")
+            if s.status != "open":
+                raise ArenaError(409, "this session has ended")
+            proxy = t.proxy or {}
+            db.add(VoteRow(session_id=sid, turn_idx=idx, outcome=outcome, model_a=s.model_a, model_b=s.model_b,
+                           proxy_a=(proxy.get("a") or {}).get("score"), proxy_b=(proxy.get("b") or {}).get("score"),
+                           client=client_hash(client_id)))
+            if outcome == "tie":
+                t.committed = random.Random(f"{s.seed}/{idx}").choice("ab")
+            else:
+                t.committed = "none" if outcome == "both_bad" else outcome
+            t.status = "voted"
+            s.updated_at = utcnow()
+            try:
+                db.commit()
+                return True
+            except IntegrityError:
+                db.rollback()
+    raise ArenaError(409, "concurrent vote on this turn")
+
+
+def finish_session(factory: sessionmaker, sid: str) -> None:
+    """End the session (idempotent); the model names are shown from now on."""
+    with factory() as db:
+        s = get_session(db, sid)
+        if s.status != "finished":
+            s.status, s.finished_at = "finished", utcnow()
+            db.commit()
+
+
+def drop_stale_claims(factory: sessionmaker) -> int:
+    """At start-up no generation can be running: free turns left 'generating' by a stopped server."""
+    with factory() as db:
+        n = db.execute(delete(Turn).where(Turn.status == "generating")).rowcount
+        db.commit()
+    return n or 0
+
+
+def all_votes(db: Session) -> list[VoteRow]:
+    return list(db.scalars(select(VoteRow).order_by(VoteRow.created_at, VoteRow.id)))
+
+
+def as_rating_votes(rows: list[VoteRow]) -> list[Vote]:
+    return [Vote(r.session_id, r.model_a, r.model_b, r.outcome, r.proxy_a, r.proxy_b) for r in rows]
+
+
+def vote_count(db: Session) -> tuple[int, int]:
+    """(number of votes, largest vote id): changes whenever a vote is added."""
+    n, last = db.execute(select(func.count(VoteRow.id), func.max(VoteRow.id))).one()
+    return int(n or 0), int(last or 0)
