@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from topocl.cli import main
 from topocl.results import KEYS, load_rows, matrices
@@ -41,6 +42,8 @@ def test_rows_are_tidy_and_cover_the_matrix(pretrained, tmp_path):
     assert {r["metric"] for r in rows if r["kind"] == "base"} == {"acc", "em", "nll", "bpb"}
     cost = json.loads((tmp_path / "c" / "cost.json").read_text())
     assert cost["trainable_params"] > 0 and len(cost["runs"]) == 2 and cost["tokens"] == 3 * 3 * 4 * 64  # mean per run
+    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    assert meta["seeds"] == [0, 1] and meta["torch"] == torch.__version__ and meta["git_sha"] and meta["started"]
     # the same directory again without resume is refused, nothing overwritten
     assert continual(pretrained, tmp_path / "c") == 1
 

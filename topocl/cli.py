@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("topocl.report", "comparison report (report.md + PNGs) of run directories: topocl report RUN [...]"),
     "stream": ("topocl.tasks.streams", "inspect a task stream: topocl stream show NAME [k=v ...] [--time]"),
     "continual": ("topocl.continual", "run a task stream on a pretrained model: topocl continual CONFIG [k=v ...]"),
+    "analyze": ("topocl.analysis.cli", "grafting, routing, sparsity, H1-H3 evidence: topocl analyze RUN [...]"),
     "params": ("topocl.params", "parameters per role (and the matched dense control): topocl params CONFIG"),
     "surgery": ("topocl.surgery.cli", "head-split surgery on an HF model: topocl surgery CONFIG | inspect MODEL"),
     "arena": ("topocl.arena.cli", "human-vote arena for long role-play: topocl arena serve | ratings | loadtest"),

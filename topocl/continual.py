@@ -365,6 +365,7 @@ def run_continual(cfg: ContinualConfig) -> Path:
                           "out_dir= (nothing was overwritten)")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
+    write_meta(cfg, out)
     costs = []
     for seed in cfg.seeds:
         for order in cfg.orders:
@@ -372,6 +373,31 @@ def run_continual(cfg: ContinualConfig) -> Path:
     write_json_atomic(out / "cost.json", {"runs": costs, **{k: _mean(costs, k) for k in costs[0]
                                                             if isinstance(costs[0][k], int | float)}})
     return out
+
+
+def write_meta(cfg: ContinualConfig, out: Path) -> None:
+    """out/meta.json: versions, git sha, device, seeds/orders and where the model came from. A resumed run keeps
+    the first start time and records when it was resumed."""
+    import platform
+
+    import transformers
+
+    import topocl
+    from topocl.pretrain import git_sha
+
+    device = resolve_device(cfg.device)
+    path = out / "meta.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    meta = {"topocl": topocl.__version__, "git_sha": git_sha(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "platform": platform.platform(),
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "seeds": cfg.seeds, "orders": cfg.orders, "init": cfg.init or f"{cfg.surgery} ({cfg.surgery_arm})",
+            "started": old.get("started", now)}
+    if old:
+        meta["resumed"] = now
+    write_json_atomic(path, meta)
 
 
 def _mean(rows: list[dict], key: str) -> float:

@@ -6,6 +6,8 @@ average accuracy on seen tasks, retention vs delay, base ability over tasks, a t
 (mean [95% bootstrap CI] over seeds x task orders) and a cost table. The bootstrap has a fixed seed,
 so the same artifacts give byte-identical report.md (tests/fixtures/report/golden_report.md).
 A run directory whose config.yaml says `reference: joint` is the joint reference for intransigence.
+With a --baseline or analysis artifacts (telemetry.jsonl, `topocl analyze`), an "H1/H2/H3 evidence" section
+states each hypothesis with its numbers (95% bootstrap CIs) and a computed verdict (evidence.json).
 """
 
 from __future__ import annotations
@@ -100,6 +102,21 @@ def _tables(summary: dict, setups: dict, joint: str | None, baseline: str | None
     return md
 
 
+def _evidence(dirs: list[dict], rows: list[dict], out: Path, baseline: str | None, joint: str | None) -> list[str]:
+    """The H1/H2/H3 evidence section (topocl/analysis/evidence.py) when a baseline is named or a run has analysis
+    artifacts; the numbers also go to evidence.json."""
+    from topocl.analysis.artifacts import run_artifacts
+    from topocl.analysis.evidence import evidence, evidence_markdown
+
+    artifacts = {n: run_artifacts(d["dir"]) for d in dirs for n in d["runs"]}
+    if not baseline and not any(any(a.values()) for a in artifacts.values()):
+        return []
+    ev = evidence(rows, artifacts, baseline, joint)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evidence.json").write_text(json.dumps(json_safe(ev), indent=1))
+    return ["", *evidence_markdown(ev)]
+
+
 def write_report(run_dirs: list[Path], out: Path, baseline: str | None = None, joint: str | None = None) -> Path:
     """Render report.md + summary.json + PNGs into `out` from the artifacts in `run_dirs`."""
     from topocl import plots
@@ -122,6 +139,7 @@ def write_report(run_dirs: list[Path], out: Path, baseline: str | None = None, j
           "seed 0] over seeds × task orders (the mean alone for one stream). Definitions: `topocl/metrics.py`; "
           "every number is also in summary.json.", ""]
     md += _tables(summary, setups, joint, baseline)
+    md += _evidence(dirs, rows, out, baseline, joint)
     costs = {n: d["cost"] for n, d in by_run.items() if d["cost"]}
     if costs:
         md += ["", "## Cost", "", "Means per (seed, order) stream.", "",

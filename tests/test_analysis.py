@@ -1,0 +1,209 @@
+"""Analysis instruments: known answers for every measure, and one tiny `topocl analyze` end to end."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from topocl.analysis.artifacts import read_jsonl, run_artifacts
+from topocl.analysis.crossover import ceiling, crossover_analysis
+from topocl.analysis.evidence import combine, diff_stats, evidence, h1_values, h3_values, verdict
+from topocl.analysis.graft import graft, graft_groups, role_names
+from topocl.analysis.routing import fact_positions, jaccard
+from topocl.analysis.sparsity import effective_rank, near_zero_fraction
+from topocl.analysis.telemetry import AnalysisConfig, Telemetry, count_sketch, fisher_drift, relative_drift
+from topocl.cli import main
+from topocl.model import GPT
+from topocl.results import stats
+
+ROOT = Path(__file__).parents[1]
+
+
+# ----------------------------------------------------------------------------- telemetry
+
+
+class TwoRoles(nn.Module):
+    """One fast-role and one slow-role parameter, for gradients set by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fast = nn.Parameter(torch.tensor([1.0, 0.0]))
+        self.slow = nn.Parameter(torch.tensor([2.0, 0.0]))
+
+    def param_roles(self) -> dict[str, str]:
+        return {"fast": "attn.sparse_heads", "slow": "attn.dense_heads"}
+
+    def pathway_roles(self) -> tuple[set[str], set[str]]:
+        return {"attn.dense_heads"}, {"attn.sparse_heads"}
+
+
+def _task(tel: Telemetry, model: TwoRoles, j: int, g_fast: list[float], g_slow: list[float], move: list[float]):
+    opt = torch.optim.SGD([{"params": [model.fast], "names": ["fast"]}, {"params": [model.slow], "names": ["slow"]}],
+                          lr=0.0)
+    tel.start_task(model, opt, j)
+    for _ in range(2):  # two identical steps: the mean gradient is the gradient
+        model.fast.grad, model.slow.grad = torch.tensor(g_fast), torch.tensor(g_slow)
+        opt.step()
+    with torch.no_grad():
+        model.fast.add_(torch.tensor(move))
+    return tel.end_task(model, step=2 * (j + 1))
+
+
+@pytest.mark.parametrize("sketch_dim", [0, 64])
+def test_telemetry_cosine_and_drift_known_answers(tmp_path, sketch_dim):
+    model = TwoRoles()
+    tel = Telemetry(model, AnalysisConfig(telemetry=True, sketch_dim=sketch_dim), tmp_path)
+    _task(tel, model, 0, [1.0, 0.0], [3.0, 4.0], [0.0, 1.0])
+    rows = _task(tel, model, 1, [0.0, 1.0], [3.0, 4.0], [0.0, 0.0])  # fast: orthogonal, slow: identical
+    get = {(r["group"], r["measure"], r["ref_task"]): r["value"] for r in rows}
+    assert get[("attn.dense_heads", "grad_cos", 0)] == pytest.approx(1.0, abs=1e-6)
+    assert get[("pathway.slow", "grad_cos", 0)] == pytest.approx(1.0, abs=1e-6)
+    if sketch_dim == 0:
+        assert get[("attn.sparse_heads", "grad_cos", 0)] == pytest.approx(0.0, abs=1e-7)
+    else:  # two coordinates in 64 buckets: orthogonal unless they collide
+        assert abs(get[("attn.sparse_heads", "grad_cos", 0)]) in (0.0, pytest.approx(1.0))
+    # fast moved by [0, 1] in task 0 from [1, 0]: stream drift 1, task-1 drift 0; slow never moved
+    assert get[("attn.sparse_heads", "drift_stream", -1)] == pytest.approx(1.0)
+    assert get[("attn.sparse_heads", "drift_task", -1)] == 0.0 and get[("attn.dense_heads", "drift_stream", -1)] == 0
+    assert get[("attn.dense_heads", "grad_energy", -1)] == pytest.approx((9 + 16) / 2)
+    # Fisher of task 0 (g² = [1, 0]) weights only the first coordinate, which never moved
+    assert get[("attn.sparse_heads", "fisher_drift_stream", -1)] == 0.0
+    on_disk = read_jsonl(tmp_path / "telemetry.jsonl")
+    assert len(on_disk) == len(rows) + sum(1 for r in on_disk if r["after_task"] == 0)
+    # resume at task 1: rows of task 1 dropped, the sketches and stream start come back
+    again = Telemetry(model, AnalysisConfig(telemetry=True, sketch_dim=sketch_dim), tmp_path, start=1)
+    assert {r["after_task"] for r in read_jsonl(tmp_path / "telemetry.jsonl")} == {0} and 0 in again.sketches
+    assert torch.equal(again.stream_start["fast"], torch.tensor([1.0, 0.0]))
+
+
+def test_drift_and_sketch_pure_functions():
+    assert relative_drift(torch.tensor([3.0, 4.0]), torch.tensor([0.0, 5.0])) == pytest.approx(math.sqrt(10) / 5)
+    assert fisher_drift(torch.tensor([2.0, 9.0]), torch.tensor([1.0, 1.0]), torch.tensor([1.0, 0.0])) == 1.0
+    v = torch.randn(1000)
+    assert torch.equal(count_sketch(v, 32, 7), count_sketch(v, 32, 7))
+    assert float(count_sketch(v, 32, 7).sum()) != 0.0
+
+
+# ----------------------------------------------------------------------------- grafting / routing / sparsity
+
+
+def test_graft_restores_exactly_the_stored_weights(tiny_cfg):
+    tiny_cfg.attention = "split"
+    final, source = GPT(tiny_cfg), GPT(tiny_cfg)
+    before = {n: p.detach().clone() for n, p in final.named_parameters()}
+    src = {n: p.detach().clone() for n, p in source.named_parameters()}
+    groups = graft_groups(final, ["mlp"])
+    assert groups == {"slow": ["attn.dense_heads"], "fast": ["attn.sparse_heads"], "mlp": ["mlp"]}
+    names = role_names(final, groups["fast"])
+    assert names and all(".attn.sparse." in n for n in names)
+    graft(final, src, names)
+    for n, p in final.named_parameters():
+        assert torch.equal(p, src[n] if n in names else before[n]), n  # bitwise
+    assert role_names(final, ["attn"]) == sorted(n for n in before if ".attn." in n)  # a prefix covers sub-roles
+
+
+def test_jaccard_on_hand_made_sets():
+    a = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 1, 0]], dtype=torch.bool)
+    b = torch.tensor([[0, 1, 1, 0], [0, 0, 0, 0], [1, 0, 1, 0]], dtype=torch.bool)
+    assert jaccard(a, b).tolist() == pytest.approx([1 / 3, 1.0, 1.0])
+
+
+def test_fact_positions_map_characters_to_tokens():
+    class Chars:
+        def encode(self, s):
+            return [ord(c) for c in s]
+
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+    assert fact_positions(Chars(), "In Nobika, a", "Nobika", offset=1) == [4, 5, 6, 7, 8, 9]
+    assert fact_positions(Chars(), "In Nobika", "Zorbia", offset=1) == []
+
+
+def test_sparsity_measures():
+    assert near_zero_fraction(torch.tensor([0.0, 0.0, 1.0, -1.0]), rel=0.1) == 0.5
+    assert effective_rank(torch.outer(torch.arange(1.0, 5.0), torch.ones(3))) == pytest.approx(1.0, abs=1e-4)
+    assert effective_rank(torch.eye(4)) == pytest.approx(4.0)
+
+
+# ----------------------------------------------------------------------------- crossover / evidence
+
+
+def test_crossover_on_hand_made_curves():
+    c = crossover_analysis([0.1, 0.5, 0.6, 0.7], [0.3, 0.4, 0.65, 0.5], joint=[0.8, 0.9, math.nan, 0.85])
+    assert c["crossover"] == 3 and c["tasks_above"] == 2 and c["ceiling"] == 0.9
+    assert c["final_gap"] == pytest.approx(0.2) and c["final_vs_ceiling"] == pytest.approx(-0.2)
+    assert crossover_analysis([0.1, 0.2], [0.3, 0.1])["crossover"] == 1
+    assert crossover_analysis([0.1, 0.2], [0.3, 0.4])["crossover"] is None and math.isnan(ceiling([]))
+
+
+def test_verdict_rule_on_hand_made_numbers():
+    s = lambda lo, hi, n=3: {"mean": (lo + hi) / 2, "ci_low": lo, "ci_high": hi, "n": n}  # noqa: E731
+    assert verdict(s(0.1, 0.3)) == "supported" and verdict(s(-0.3, -0.1)) == "not supported"
+    assert verdict(s(-0.1, 0.3)) == "inconclusive" and verdict(s(0.1, 0.3, n=1)) == "inconclusive"
+    assert verdict(s(-0.3, -0.1), direction=-1) == "supported" and verdict(s(-0.04, 0.1), 1, -0.05) == "supported"
+    assert verdict(None) == "inconclusive" and verdict(stats([])) == "inconclusive"
+    assert combine(["supported", "supported"]) == "supported"
+    assert combine(["supported", "inconclusive"]) == "inconclusive"
+    assert combine(["inconclusive", "not supported"]) == "not supported"
+    paired = diff_stats({(0, 0): 0.5, (1, 0): 0.7}, {(0, 0): 0.2, (1, 0): 0.3})
+    assert paired["paired"] and paired["values"] == pytest.approx([0.3, 0.4]) and paired["mean"] == pytest.approx(0.35)
+    unpaired = diff_stats({(0, 0): 0.5}, {(1, 0): 0.2, (2, 0): 0.4})
+    assert not unpaired["paired"] and unpaired["mean"] == pytest.approx(0.2)
+
+
+def test_h1_h3_statistics_from_hand_made_rows():
+    tel = [{"seed": s, "order": 0, "after_task": j, "group": g, "measure": "grad_energy", "ref_task": -1, "value": v}
+           for s in (0, 1) for j in (0, 1) for g, v in (("pathway.fast", 10.0 * (s + 1)), ("pathway.slow", 1.0))]
+    vals, frozen = h1_values(tel)
+    assert vals == {(0, 0): pytest.approx(1.0), (1, 0): pytest.approx(math.log10(20))} and not frozen
+    frozen_rows = [{**r, "measure": "drift_task"} if r["group"] == "pathway.slow" else r for r in tel]
+    assert h1_values(frozen_rows) == ({}, True)
+
+    def g(seed, group, typ, drop):
+        return {"seed": seed, "order": 0, "group": group, "mode": "remove", "task": 1, "eval_task": 1,
+                "kind": "retain", "type": typ, "value": 0.9 - drop, "final": 0.9}
+
+    graft_rows = [r for s in (0, 1) for r in (g(s, "fast", "fact", 0.5), g(s, "slow", "fact", 0.1),
+                                              g(s, "fast", "rule", 0.0), g(s, "slow", "rule", 0.2 + 0.1 * s))]
+    facts, rules = h3_values(graft_rows)
+    assert facts == {(0, 0): pytest.approx(0.4), (1, 0): pytest.approx(0.4)}
+    assert rules == {(0, 0): pytest.approx(0.2), (1, 0): pytest.approx(0.3)}
+    ev = evidence([], {"arm": {"telemetry": tel, "graft": graft_rows}})
+    assert ev["H1"]["runs"]["arm"]["verdict"] == "supported" and ev["H3"]["runs"]["arm"]["verdict"] == "supported"
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_analyze_end_to_end_on_a_tiny_continual_run(tmp_path):
+    pre = tmp_path / "pre"
+    assert main(["pretrain", str(ROOT / "configs/pretrain/tiny-split.yaml"), "model.n_layer=1", "model.d_model=32",
+                 "model.n_head=2", "model.n_kv_head=2", "model.max_seq_len=64", "data.synthetic_docs=200",
+                 "data.vocab_size=300", "data.seq_len=64", "train.batch_size=4", "train.steps=2",
+                 "train.eval_every=1000", "samples=0", "probe=false", f"out_dir={pre}"]) == 0
+    run = tmp_path / "c"
+    assert main(["continual", str(ROOT / "configs/continual/tiny-split-vanilla.yaml"), f"init={pre}",
+                 f"out_dir={run}", "stream_options.n_worlds=2", "stream_options.texts_per_task=4",
+                 "stream_options.rules_per_world=2", "stream_options.global_overwrites=0", "train.steps=2",
+                 "train.batch_size=2", "eval_base=false", "analysis.telemetry=true",
+                 "analysis.keep_task_checkpoints=true", "analysis.sketch_dim=0"]) == 0
+    stream = run / "seed0-order0"
+    assert sorted(p.name for p in (stream / "checkpoints").glob("step_*")) == [f"step_0000000{k}" for k in range(3)]
+    assert main(["analyze", str(run), "--max-probes", "2"]) == 0
+    art = run_artifacts(run)
+    assert all(art[k] for k in ("telemetry", "graft", "routing", "sparsity"))
+    assert {r["group"] for r in art["graft"]} == {"slow", "fast"}
+    assert {r["measure"] for r in art["routing"]} >= {"jaccard_last", "jaccard_all", "fact_mass", "fact_selected"}
+    assert all(0.0 <= r["value"] <= 1.0 for r in art["routing"] if r["measure"].startswith("jaccard"))
+    assert {r["ckpt"] for r in art["sparsity"]} == {0, 2}
+    md = (run / "analysis" / "analysis.md").read_text()
+    assert "## H1/H2/H3 evidence" in md and "grafting" in md and "routing stability" in md
+    ev = json.loads((run / "analysis" / "analysis.json").read_text())["evidence"]
+    assert ev["H1"]["runs"]["split-vanilla"]["verdict"] == "inconclusive"  # one stream: no CI
+    # the comparison report reads the same artifacts
+    assert main(["report", str(run), "--out", str(tmp_path / "r")]) == 0
+    assert "H1/H2/H3 evidence" in (tmp_path / "r" / "report.md").read_text()

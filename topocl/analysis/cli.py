@@ -1,0 +1,83 @@
+"""`topocl analyze RUN_DIR [RUN_DIR ...]`: run the post-hoc analysis stages on continual runs and write a report.
+
+For every seed{S}-order{O} stream of every run directory (reference runs skipped), the stages write
+    analysis/graft.jsonl     grafting (needs analysis.keep_task_checkpoints=true at run time)
+    analysis/routing.jsonl   routing stability (sparse attention; needs the task checkpoints too)
+    analysis/sparsity.jsonl  activation sparsity / effective rank before and after the stream
+then analysis.md + analysis.json + PNGs go to --out (default RUN_DIR/analysis for one run, else analysis/
+next to the first): H1/H2/H3 evidence, crossover vs --baseline with the --joint ceiling, telemetry (written
+during the run with analysis.telemetry=true), grafting, routing and sparsity tables. `--stages ""` only
+re-renders the report from the artifacts already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from topocl.analysis.artifacts import STAGES, run_artifacts, stream_dirs, write_jsonl
+from topocl.analysis.render import write_analysis
+from topocl.results import load_rows, read_run_dir, reference_runs
+
+
+def analyze_run(run_dir: Path, stages: list[str], device: str = "auto", graft_roles: list[str] | None = None,
+                max_probes: int = 8) -> list[str]:
+    """Run `stages` on every stream of one run directory; returns notes about skipped stages."""
+    from topocl.analysis import graft, routing, sparsity
+    from topocl.analysis.load import open_stream
+
+    notes = []
+    for seed, order, d in stream_dirs(run_dir):
+        st = open_stream(run_dir, seed, order, device)
+        have_all = set(range(len(st.tasks) + 1)) - {0} <= set(st.checkpoints)
+        for stage in stages:
+            if stage in ("graft", "routing") and not have_all:
+                notes.append(f"{d}: {stage} skipped: needs every task checkpoint "
+                             "(run with analysis.keep_task_checkpoints=true)")
+                continue
+            if stage == "graft":
+                rows = graft.run_graft(st, graft.graft_groups(st.model, graft_roles))
+            elif stage == "routing":
+                rows = routing.run_routing(st, max_probes)
+            else:
+                rows = sparsity.run_sparsity(st)
+            write_jsonl(d / "analysis" / f"{stage}.jsonl", rows)
+    return notes
+
+
+def cli(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="topocl analyze", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path, help="continual run directories")
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)} ('' = none)")
+    ap.add_argument("--baseline", help="run name of the dense baseline (H2, crossover)")
+    ap.add_argument("--joint", help="run name of the joint reference (default: config.yaml reference: joint)")
+    ap.add_argument("--graft-roles", default="", help="extra roles to graft one by one, e.g. mlp,attn.o")
+    ap.add_argument("--max-probes", type=int, default=8, help="probes per task for routing")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"--stages: unknown {sorted(unknown)}; use {', '.join(STAGES)}")
+    dirs = [read_run_dir(d) for d in args.runs]
+    refs = reference_runs(dirs)
+    rows = load_rows(*[d["dir"] for d in dirs])
+    names = {n for d in dirs for n in d["runs"]}
+    for name in (args.baseline, args.joint):
+        if name and name not in names:
+            raise ValueError(f"run {name!r} is not among the runs {sorted(names)}")
+    artifacts = {}
+    for d in dirs:
+        if stages and not any(n in refs for n in d["runs"]):
+            for note in analyze_run(d["dir"], stages, args.device, [r for r in args.graft_roles.split(",") if r],
+                                    args.max_probes):
+                print(note)
+        for n in d["runs"]:
+            artifacts[n] = run_artifacts(d["dir"])
+    joint = args.joint or next((n for n, ref in sorted(refs.items()) if ref == "joint"), None)
+    out = args.out or (args.runs[0] / "analysis" if len(args.runs) == 1 else args.runs[0].parent / "analysis")
+    path = write_analysis(rows, artifacts, out, args.baseline, joint)
+    print(f"analysis: {path}")
+    return 0
