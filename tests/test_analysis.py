@@ -207,3 +207,33 @@ def test_analyze_end_to_end_on_a_tiny_continual_run(tmp_path):
     # the comparison report reads the same artifacts
     assert main(["report", str(run), "--out", str(tmp_path / "r")]) == 0
     assert "H1/H2/H3 evidence" in (tmp_path / "r" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("kind", ["nsa", "dsa", "split"])
+def test_capture_records_selections_for_every_sparse_kind(tiny_cfg, kind):
+    from topocl.analysis.routing import compare, fact_measures, record, selection_unit
+    from topocl.tasks import Probe
+
+    class Chars:
+        bos_id = 0
+
+        def encode(self, s):
+            return [ord(c) % 60 + 1 for c in s]
+
+        def decode(self, ids):
+            return "".join(chr(i + 64) for i in ids)
+
+    tiny_cfg.attention = kind
+    tiny_cfg.nsa.cmp_block, tiny_cfg.nsa.cmp_stride, tiny_cfg.nsa.sel_block, tiny_cfg.nsa.window = 4, 2, 4, 4
+    tiny_cfg.nsa.n_sel = 3
+    tiny_cfg.dsa.topk, tiny_cfg.dsa.index_dim, tiny_cfg.dsa.index_rope_dim = 4, 8, 4
+    model = GPT(tiny_cfg)
+    probes = [Probe("In Zorbia, water flows", " up", [" up", " down"], tags={"world": "Zorbia"}),
+              Probe("In Ka, fire", " cold", [" cold", " hot"], tags={"world": "Ka"})]
+    recs = record(model, Chars(), probes, torch.device("cpu"), selection_unit(model))
+    assert len(recs) == 2 and len(recs[0]) == tiny_cfg.n_layer
+    assert all(m.capture is None for m in model.modules() if hasattr(m, "capture"))  # switched off again
+    assert all(v == 1.0 for (_, m), v in compare(recs, recs).items() if m.startswith("jaccard"))
+    assert all(v == 0.0 for (_, m), v in compare(recs, recs).items() if m.startswith("gate_drift"))
+    assert any(m.startswith("gate_drift") for _, m in compare(recs, recs)) == (kind == "nsa")
+    assert all(0.0 <= v <= 1.0 + 1e-6 for v in fact_measures(recs).values())
