@@ -84,7 +84,7 @@ def create_app(settings: ArenaSettings, pool: ModelPool | None = None) -> FastAP
     app.state.engine, app.state.factory, app.state.pool, app.state.settings = engine, factory, pool, settings
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     posts, everything = RateLimiter(), RateLimiter()
-    board_cache: dict[tuple[int, int], dict] = {}
+    board_cache: dict[str, tuple[tuple[int, int], dict]] = {}
     board_lock = threading.Lock()
 
     def page(request: Request, name: str, status: int = 200, **ctx) -> HTMLResponse:
@@ -201,19 +201,26 @@ def create_app(settings: ArenaSettings, pool: ModelPool | None = None) -> FastAP
         return RedirectResponse(f"/s/{sid}", status_code=303)
 
     def board() -> dict:
+        """Leaderboard data, recomputed only when the votes changed, by one request at a time; while one
+        request recomputes, the others get the previous board (stale by a few votes) instead of waiting."""
         with factory() as db:
             key = service.vote_count(db)
-            with board_lock:
-                if key in board_cache:
-                    return board_cache[key]
-            votes = service.as_rating_votes(service.all_votes(db))
-        rows = leaderboard(votes, pool.names, rounds=settings.bootstrap_rounds)
-        out = {"votes": len(votes), "sessions": len({v.session for v in votes}), "rows": [asdict(r) for r in rows],
-               "agreement": proxy_agreement(votes)}
-        with board_lock:
-            board_cache.clear()
-            board_cache[key] = out
-        return out
+        last = board_cache.get("last")
+        if last is not None and last[0] == key:
+            return last[1]
+        if not board_lock.acquire(blocking=last is None):
+            return last[1]
+        try:
+            with factory() as db:
+                key = service.vote_count(db)
+                votes = service.as_rating_votes(service.all_votes(db))
+            rows = leaderboard(votes, pool.names, rounds=settings.bootstrap_rounds)
+            out = {"votes": len(votes), "sessions": len({v.session for v in votes}),
+                   "rows": [asdict(r) for r in rows], "agreement": proxy_agreement(votes)}
+            board_cache["last"] = (key, out)
+            return out
+        finally:
+            board_lock.release()
 
     @app.get("/leaderboard", response_class=HTMLResponse)
     def show_leaderboard(request: Request) -> HTMLResponse:

@@ -39,7 +39,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     specs = load_specs(args.models) if args.models else demo_specs()
     token = args.admin_token or os.environ.get("ARENA_ADMIN_TOKEN", "")
-    settings = ArenaSettings(db_url=db_url(args), specs=specs, admin_token=token, secure_cookies=args.secure_cookies)
+    settings = ArenaSettings(db_url=db_url(args), specs=specs, admin_token=token, secure_cookies=args.secure_cookies,
+                             posts_per_minute=args.posts_per_minute, requests_per_minute=args.requests_per_minute)
     app = create_app(settings)
     names = ", ".join(s.name for s in specs)
     print(f"arena: {len(specs)} models ({names}); database {settings.db_url}; admin page "
@@ -119,6 +120,8 @@ def cli(argv: list[str]) -> int:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--admin-token", default="", help="enables /admin (or set ARENA_ADMIN_TOKEN)")
     s.add_argument("--secure-cookies", action="store_true", help="mark cookies Secure (serving over HTTPS)")
+    s.add_argument("--posts-per-minute", type=int, default=30, help="rate limit on form posts per client address")
+    s.add_argument("--requests-per-minute", type=int, default=600, help="rate limit on all requests per client")
     r.add_argument("--format", choices=("json", "csv"), default="json")
     r.add_argument("--rounds", type=int, default=200, help="bootstrap rounds (sessions resampled)")
     r.add_argument("--out", default="", help="write here instead of stdout")

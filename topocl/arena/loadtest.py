@@ -14,7 +14,7 @@ import httpx
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
 
-def _play(url: str, turns: int, seed: int, latencies: list[float], lock: threading.Lock) -> dict:
+def _play(url: str, turns: int, seed: int, latencies: dict[str, list[float]], lock: threading.Lock) -> dict:
     rng = random.Random(seed)
     out = {"votes_ok": 0, "errors": 0}
     with httpx.Client(base_url=url, timeout=60.0) as c:
@@ -22,8 +22,9 @@ def _play(url: str, turns: int, seed: int, latencies: list[float], lock: threadi
             t0 = time.perf_counter()
             r = c.get(path)
             dt = time.perf_counter() - t0
+            kind = "leaderboard" if path == "/leaderboard" else "session" if path.startswith("/s/") else "index"
             with lock:
-                latencies.append(dt)
+                latencies.setdefault(kind, []).append(dt)
             r.raise_for_status()
             return r.text
 
@@ -55,19 +56,21 @@ def _play(url: str, turns: int, seed: int, latencies: list[float], lock: threadi
 def run_load(url: str, players: int = 8, turns: int = 3) -> dict:
     """Play `players` sessions at once; votes_gained (from /api/ratings) must equal votes_ok."""
     before = httpx.get(f"{url}/api/ratings", timeout=60.0).json()["votes"]
-    latencies: list[float] = []
+    latencies: dict[str, list[float]] = {}
     lock = threading.Lock()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(players) as ex:
         results = list(ex.map(lambda i: _play(url, turns, i, latencies, lock), range(players)))
     wall = time.perf_counter() - t0
     after = httpx.get(f"{url}/api/ratings", timeout=60.0).json()["votes"]
-    lat = sorted(latencies)
+    lat = sorted(x for xs in latencies.values() for x in xs)
 
-    def q(p: float) -> float:
-        return 1000.0 * lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan")
+    def q(xs: list[float], p: float) -> float:
+        xs = sorted(xs)
+        return round(1000.0 * xs[min(len(xs) - 1, int(p * len(xs)))], 1) if xs else float("nan")
 
     return {"players": players, "turns": turns, "votes_expected": players * turns,
             "votes_ok": sum(r["votes_ok"] for r in results), "votes_gained": after - before,
-            "errors": sum(r["errors"] for r in results), "pages": len(lat), "p50_ms": q(0.50), "p95_ms": q(0.95),
-            "max_ms": 1000.0 * lat[-1] if lat else float("nan"), "wall_s": wall}
+            "errors": sum(r["errors"] for r in results), "pages": len(lat), "p50_ms": q(lat, 0.50),
+            "p95_ms": q(lat, 0.95), "max_ms": q(lat, 1.0),
+            "p95_ms_by_page": {k: q(v, 0.95) for k, v in sorted(latencies.items())}, "wall_s": round(wall, 2)}

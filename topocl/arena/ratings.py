@@ -54,6 +54,60 @@ def _models(votes: Sequence[Vote], models: Iterable[str] | None) -> list[str]:
     return sorted(names)
 
 
+def _pairs(votes: Sequence[Vote], idx: dict[str, int]) -> dict[tuple[int, int], tuple[float, float]]:
+    """(i, j) -> (summed score of i, count) over the votes."""
+    pairs: dict[tuple[int, int], tuple[float, float]] = {}
+    for v in votes:
+        key = (idx[v.model_a], idx[v.model_b])
+        s, c = pairs.get(key, (0.0, 0.0))
+        pairs[key] = (s + v.score_a, c + 1.0)
+    return pairs
+
+
+def _newton(x: np.ndarray, y: np.ndarray, w: np.ndarray, reg: float, max_iter: int = 100,
+            tol: float = 1e-10) -> np.ndarray:
+    """Strengths beta [n] maximising sum_k y_k log p_k + (w_k - y_k) log(1 - p_k) - reg/2 |beta|^2,
+    p_k = sigmoid(x_k . beta), x [K, n] = e_i - e_j per matchup, y [K] summed scores, w [K] counts.
+    Models without votes keep 0; the mean over the others is 0."""
+    present = (np.abs(x) * (w[:, None] > 0)).sum(0) > 0  # [n]
+    beta = np.zeros(x.shape[1])
+    if not present.any():
+        return beta
+    x = x[:, present]
+    b = np.zeros(x.shape[1])
+    eye = np.eye(x.shape[1])
+    for _ in range(max_iter):
+        p = 1.0 / (1.0 + np.exp(-(x @ b)))
+        grad = x.T @ (y - w * p) - reg * b
+        hess = x.T @ ((w * p * (1.0 - p))[:, None] * x) + reg * eye  # negative Hessian
+        step = np.linalg.lstsq(hess, grad, rcond=None)[0]  # minimum norm: the common shift stays unidentified
+        step = np.clip(step, -5.0, 5.0)  # damp the first steps of a near-separable fit
+        b += step
+        b -= b.mean()
+        if float(np.max(np.abs(step))) < tol:
+            break
+    beta[present] = b
+    return beta
+
+
+def _to_elo(beta: np.ndarray, names: list[str], present: np.ndarray, anchor: str | None) -> dict[str, float]:
+    ratings = 1000.0 + SCALE * beta
+    idx = {m: i for i, m in enumerate(names)}
+    if anchor is not None and anchor in idx and present[idx[anchor]]:
+        shift = ratings[idx[anchor]] - 1000.0
+    else:
+        shift = float(ratings[present].mean()) - 1000.0 if present.any() else 0.0
+    return {m: float(ratings[i] - shift) if present[i] else math.nan for m, i in idx.items()}
+
+
+def _design(pairs: Iterable[tuple[int, int]], n: int) -> np.ndarray:
+    keys = list(pairs)
+    x = np.zeros((len(keys), n))
+    for k, (i, j) in enumerate(keys):
+        x[k, i], x[k, j] = 1.0, -1.0
+    return x
+
+
 def bt_fit(votes: Sequence[Vote], models: Iterable[str] | None = None, *, reg: float = 0.0,
            anchor: str | None = None, max_iter: int = 100, tol: float = 1e-10) -> dict[str, float]:
     """Bradley-Terry MLE on the Elo scale (see module docstring).
@@ -62,45 +116,14 @@ def bt_fit(votes: Sequence[Vote], models: Iterable[str] | None = None, *, reg: f
     infinite for a model that won every vote: Newton then stops at max_iter), a small value (the leaderboard
     uses 1e-2, a prior with sd 10 nats) keeps every rating finite. Models without votes get 1000."""
     names = _models(votes, models)
-    if not names:
-        return {}
     idx = {m: i for i, m in enumerate(names)}
-    n = len(names)
-    pairs: dict[tuple[int, int], list[float]] = {}  # (i, j) -> [score of i summed, count]
-    for v in votes:
-        key = (idx[v.model_a], idx[v.model_b])
-        acc = pairs.setdefault(key, [0.0, 0.0])
-        acc[0] += v.score_a
-        acc[1] += 1.0
-    if pairs:
-        ij = np.array(list(pairs), dtype=np.int64)  # [K, 2]
-        y = np.array([s for s, _ in pairs.values()])  # [K] summed scores of the first model
-        w = np.array([c for _, c in pairs.values()])  # [K] counts
-    beta = np.zeros(n)
-    for _ in range(max_iter if pairs else 0):
-        d = beta[ij[:, 0]] - beta[ij[:, 1]]
-        p = 1.0 / (1.0 + np.exp(-d))
-        r = y - w * p  # [K] residual in score units
-        grad = np.zeros(n)
-        np.add.at(grad, ij[:, 0], r)
-        np.add.at(grad, ij[:, 1], -r)
-        grad -= reg * beta
-        c = w * p * (1.0 - p)
-        hess = np.zeros((n, n))  # negative Hessian (Laplacian of the comparison graph, weighted)
-        np.add.at(hess, (ij[:, 0], ij[:, 0]), c)
-        np.add.at(hess, (ij[:, 1], ij[:, 1]), c)
-        np.add.at(hess, (ij[:, 0], ij[:, 1]), -c)
-        np.add.at(hess, (ij[:, 1], ij[:, 0]), -c)
-        hess += reg * np.eye(n)
-        step = np.linalg.lstsq(hess, grad, rcond=None)[0]  # minimum-norm step: the shift stays unidentified
-        step = np.clip(step, -5.0, 5.0)  # damp the first steps of a near-separable fit
-        beta += step
-        beta -= beta.mean()
-        if float(np.max(np.abs(step))) < tol:
-            break
-    ratings = 1000.0 + SCALE * beta
-    shift = ratings[idx[anchor]] - 1000.0 if anchor is not None and anchor in idx else float(ratings.mean()) - 1000.0
-    return {m: float(ratings[i] - shift) for m, i in idx.items()}
+    pairs = _pairs(votes, idx)
+    x = _design(pairs, len(names))
+    y = np.array([s for s, _ in pairs.values()])
+    w = np.array([c for _, c in pairs.values()])
+    beta = _newton(x, y, w, reg, max_iter, tol)
+    out = _to_elo(beta, names, np.ones(len(names), dtype=bool), anchor)
+    return out
 
 
 def bootstrap_bt(votes: Sequence[Vote], models: Iterable[str] | None = None, *, rounds: int = 200, seed: int = 0,
@@ -109,25 +132,34 @@ def bootstrap_bt(votes: Sequence[Vote], models: Iterable[str] | None = None, *, 
     """Percentile interval per model from `rounds` BT refits, each on sessions drawn with replacement (all
     votes of a drawn session come along). A model absent from a resample is left out of that round."""
     names = _models(votes, models)
-    by_session: dict[str, list[Vote]] = {}
-    for v in votes:
-        by_session.setdefault(v.session, []).append(v)
-    sessions = sorted(by_session)
+    idx = {m: i for i, m in enumerate(names)}
+    sessions = sorted({v.session for v in votes})
     if not sessions or rounds <= 0:
         return {m: (math.nan, math.nan) for m in names}
+    keys = list(_pairs(votes, idx))
+    col = {k: c for c, k in enumerate(keys)}
+    srow = {s: r for r, s in enumerate(sessions)}
+    score = np.zeros((len(sessions), len(keys)))  # per session: summed score of the first model per matchup
+    count = np.zeros((len(sessions), len(keys)))
+    for v in votes:
+        r, c = srow[v.session], col[(idx[v.model_a], idx[v.model_b])]
+        score[r, c] += v.score_a
+        count[r, c] += 1.0
+    x = _design(keys, len(names))
     rng = np.random.default_rng(seed)
     draws = np.full((rounds, len(names)), np.nan)
     for r in range(rounds):
-        pick = rng.integers(0, len(sessions), len(sessions))
-        sample = [v for k in pick for v in by_session[sessions[k]]]
-        fit = bt_fit(sample, reg=reg, anchor=anchor)
-        draws[r] = [fit.get(m, math.nan) for m in names]
+        times = np.bincount(rng.integers(0, len(sessions), len(sessions)), minlength=len(sessions)).astype(float)
+        y, w = times @ score, times @ count
+        present = (np.abs(x) * (w[:, None] > 0)).sum(0) > 0
+        fit = _to_elo(_newton(x, y, w, reg), names, present, anchor)
+        draws[r] = [fit[m] for m in names]
     lo_q, hi_q = 50.0 * (1.0 - level), 50.0 * (1.0 + level)
     out = {}
     for i, m in enumerate(names):
-        col = draws[:, i][~np.isnan(draws[:, i])]
-        out[m] = (float(np.percentile(col, lo_q)), float(np.percentile(col, hi_q))) if len(col) else (math.nan,
-                                                                                                     math.nan)
+        col_i = draws[:, i][~np.isnan(draws[:, i])]
+        out[m] = (float(np.percentile(col_i, lo_q)), float(np.percentile(col_i, hi_q))) if len(col_i) else (
+            math.nan, math.nan)
     return out
 
 
