@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("topocl.demo", "the embedded default end to end on CPU (what make demo runs)"),
     "metrics": ("topocl.results", "named CL metrics of results.jsonl files as JSON: topocl metrics RESULTS [...]"),
     "report": ("topocl.report", "comparison report (report.md + PNGs) of run directories: topocl report RUN [...]"),
+    "sweep": ("topocl.sweep", "a grid of runs in one directory: topocl sweep SWEEP.yaml [k=v ...] [--dry-run]"),
     "stream": ("topocl.tasks.streams", "inspect a task stream: topocl stream show NAME [k=v ...] [--time]"),
     "continual": ("topocl.continual", "run a task stream on a pretrained model: topocl continual CONFIG [k=v ...]"),
     "analyze": ("topocl.analysis.cli", "grafting, routing, sparsity, H1-H3 evidence: topocl analyze RUN [...]"),

@@ -41,6 +41,7 @@ class NSAConfig:
     phi: str = "mlp"  # compression φ: mlp | mean
     gate_init: str = "window"  # window (bias -2/-2/+2, SWA-dominated start) | neutral (bias 0)
     impl: str = "mask"  # mask (reference, [T, T] masks) | gather (selected blocks gathered, window unfolded)
+    # | flex (flex_attention block masks for the selected blocks and the window) | auto (flex on CUDA, else mask)
 
 
 @dataclass
@@ -66,6 +67,7 @@ class SplitConfig:
     sparse_kv_groups: int = -1  # KV groups (with their query heads) in group B; -1 = half
     topk: int = 0  # keys kept per query in group B; 0 = use topk_frac
     topk_frac: float = 0.1  # fraction of the causal prefix kept (at least 1 key)
+    impl: str = "mask"  # mask (reference) | flex (group B through flex_attention) | auto (flex on CUDA, else mask)
 
 
 @dataclass

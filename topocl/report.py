@@ -17,7 +17,16 @@ import json
 import math
 from pathlib import Path
 
-from topocl.results import ResultsError, json_safe, load_rows, matrices, read_run_dir, reference_runs, summarize
+from topocl.results import (
+    COST_FIELDS,
+    ResultsError,
+    json_safe,
+    load_rows,
+    matrices,
+    read_run_dir,
+    reference_runs,
+    summarize,
+)
 
 RETAIN = [("acc", "ACC ↑"), ("learning_acc", "LA ↑"), ("bwt_gem", "BWT ↑"), ("forgetting_chaudhry", "F Chaudhry ↓"),
           ("forgetting_mammoth", "F Mammoth ↓"), ("fwt_gem", "FWT ↑"), ("avg_incremental_acc", "Ā ↑"),
@@ -117,6 +126,17 @@ def _evidence(dirs: list[dict], rows: list[dict], out: Path, baseline: str | Non
     return ["", *evidence_markdown(ev)]
 
 
+def pooled_costs(dirs: list[dict]) -> dict[str, dict]:
+    """Run name -> cost, pooling the entries of every directory that holds the run (a sweep's seeds and orders)."""
+    entries: dict[str, list[dict]] = {}
+    for d in dirs:
+        for n in d["runs"] if d["cost"] else []:
+            entries.setdefault(n, []).extend(d["cost"]["entries"])
+    return {n: {"entries": es, "device": ", ".join(sorted({e["device"] for e in es})),
+                **{k: sum(e[k] for e in es) / len(es) for k, tp in COST_FIELDS.items() if tp is not str}}
+            for n, es in entries.items()}
+
+
 def write_report(run_dirs: list[Path], out: Path, baseline: str | None = None, joint: str | None = None) -> Path:
     """Render report.md + summary.json + PNGs into `out` from the artifacts in `run_dirs`."""
     from topocl import plots
@@ -140,7 +160,7 @@ def write_report(run_dirs: list[Path], out: Path, baseline: str | None = None, j
           "every number is also in summary.json.", ""]
     md += _tables(summary, setups, joint, baseline)
     md += _evidence(dirs, rows, out, baseline, joint)
-    costs = {n: d["cost"] for n, d in by_run.items() if d["cost"]}
+    costs = pooled_costs(dirs)
     if costs:
         md += ["", "## Cost", "", "Means per (seed, order) stream.", "",
                "| run | device | trainable params | optimizer state | peak memory | step time | tokens | wall |",
@@ -168,12 +188,20 @@ def write_report(run_dirs: list[Path], out: Path, baseline: str | None = None, j
 def cli(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="topocl report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", type=Path, help="continual run directories")
+    ap.add_argument("runs", nargs="+", type=Path, help="continual run directories, or one sweep directory")
     ap.add_argument("--out", type=Path, help="where to write (default: RUN_DIR/report for one run, else "
                                              "report/ next to the first run directory)")
     ap.add_argument("--baseline", help="run name of the dense baseline, for the crossover task")
     ap.add_argument("--joint", help="run name of the joint reference (default: from config.yaml reference: joint)")
     args = ap.parse_args(argv)
+    from topocl.sweep_report import is_sweep, write_sweep_report
+
+    if len(args.runs) == 1 and is_sweep(args.runs[0]):  # a sweep directory: the comparison over its runs
+        path = write_sweep_report(args.runs[0], args.out or args.runs[0] / "report", args.baseline, args.joint)
+        if (path.parent / "summary.json").is_file():
+            print(terminal_table(json.loads((path.parent / "summary.json").read_text())))
+        print(f"report: {path}")
+        return 0
     out = args.out or (args.runs[0] / "report" if len(args.runs) == 1 else args.runs[0].parent / "report")
     path = write_report(args.runs, out, args.baseline, args.joint)
     print(terminal_table(json.loads((out / "summary.json").read_text())))

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from topocl.attention import flex
 from topocl.attention.ops import apply_rope, attend, attend_gathered, attention_probs, causal_mask, repeat_kv, topk_mask
 from topocl.config import ModelConfig
 from topocl.registry import ATTENTION
@@ -192,8 +193,8 @@ class NSAttention(nn.Module):
         if min(c.cmp_block, c.cmp_stride, c.sel_block, c.window) < 1:
             raise ValueError(f"nsa sizes must be >= 1, got cmp_block={c.cmp_block}, cmp_stride={c.cmp_stride}, "
                              f"sel_block={c.sel_block}, window={c.window}")
-        if c.impl not in ("mask", "gather"):
-            raise ValueError(f"nsa.impl={c.impl!r}: use mask (reference) | gather")
+        if c.impl not in flex.IMPLS:
+            raise ValueError(f"nsa.impl={c.impl!r}: use mask (reference) | gather | flex | auto (flex on CUDA)")
         if c.n_sel < c.n_init + c.n_local:
             raise ValueError(f"nsa.n_sel={c.n_sel} must cover the {c.n_init + c.n_local} forced blocks")
         self.c, self.h, self.hk, self.d = c, cfg.n_head, cfg.n_kv_head, cfg.hd
@@ -267,11 +268,19 @@ class NSAttention(nn.Module):
         k_s = apply_rope(k_s, cos, sin)
         k_w, v_w = self.win(x)  # sliding window
         k_w = apply_rope(k_w, cos, sin)
-        if c.impl == "gather":
+        impl = flex.resolve_impl(c.impl, x.device)
+        if impl == "gather":
             o_slc, blk, valid = selected_gather(q, k_s, v_s, sel, c.sel_block, c.n_sel, scale, self.gather_chunk)
             o_win = window_band(q, k_w, v_w, c.window, scale)
             with torch.no_grad():
                 seen = fine_tokens_seen(blk, valid, c.sel_block, c.window).sum()
+        elif impl == "flex":  # flex_attention block masks (topocl/attention/flex.py)
+            o_slc = flex.selected(q, k_s, v_s, sel, c.sel_block, scale)  # [B, H, T, D]
+            o_win = flex.window(q, k_w, v_w, c.window, scale)
+            with torch.no_grad():
+                causal = causal_mask(t, device=x.device)  # [T, S]
+                tok = sel.repeat_interleave(c.sel_block, dim=-1)[..., :t] & causal  # [B, Hk, T, S]
+                seen = (tok | (causal & ~causal.tril(-c.window))).sum()
         else:  # reference: masked softmax over [B, H, T, S]
             causal = causal_mask(t, device=x.device)  # [T, S]
             tok = sel.repeat_interleave(c.sel_block, dim=-1)[..., :t] & causal  # [B, Hk, T, S]

@@ -21,6 +21,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from topocl.attention import flex
 from topocl.attention.ops import apply_rope, attend, attention_probs, causal_mask, repeat_kv, sdpa_causal, topk_mask
 from topocl.config import ModelConfig
 from topocl.registry import ATTENTION
@@ -74,6 +75,9 @@ class SplitAttention(nn.Module):
         self.dense = _Group(cfg.d_model, ka * g, ka, cfg.hd)  # group A
         self.sparse = _Group(cfg.d_model, kb * g, kb, cfg.hd)  # group B
         self.topk, self.frac = cfg.split.topk, cfg.split.topk_frac
+        if cfg.split.impl not in ("mask", "flex", "auto"):
+            raise ValueError(f"split.impl={cfg.split.impl!r}: use mask (reference) | flex | auto (flex on CUDA)")
+        self.impl = cfg.split.impl
         self.fast_on = True
         self.capture: list[dict] | None = None  # a list = record selections (topocl/analysis/routing.py)
 
@@ -94,7 +98,10 @@ class SplitAttention(nn.Module):
         with torch.no_grad():
             scores = qb @ kb.transpose(-1, -2)  # [B, Hb, T, T], selection only (no gradient through indices)
             keep = topk_mask(scores, row_budget(t, self.topk, self.frac, x.device), visible)
-        yb = attend(qb, kb, vb, keep, 1.0 / math.sqrt(qb.shape[-1]))  # [B, Hb, T, D]
+        if flex.resolve_impl(self.impl, x.device) == "flex":
+            yb = flex.masked(qb, kb, vb, keep, 1.0 / math.sqrt(qb.shape[-1]))  # [B, Hb, T, D]
+        else:
+            yb = attend(qb, kb, vb, keep, 1.0 / math.sqrt(qb.shape[-1]))  # [B, Hb, T, D]
         if self.fast_on:
             y = y + self.sparse.out(yb)
         if self.capture is not None:  # opt-in: the sparse heads' kept keys [B, Hb, T, S] and probabilities
