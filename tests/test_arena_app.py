@@ -4,6 +4,7 @@ CSRF, malformed requests (4xx, never 500), rate limiting, the admin page, restar
 import csv
 import io
 import json
+import os
 
 import pytest
 from markupsafe import escape
@@ -14,6 +15,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from topocl.arena.app import ArenaSettings, create_app  # noqa: E402
 from topocl.arena.cli import cli as arena_cli  # noqa: E402
+from topocl.arena.cli import ratings_export  # noqa: E402
 from topocl.arena.db import Turn, open_db, schema_version  # noqa: E402
 from topocl.arena.service import ArenaError  # noqa: E402
 from topocl.arena.serving import ModelSpec, demo_specs  # noqa: E402
@@ -210,3 +212,19 @@ def test_migrations_are_recorded_once(tmp_path):
 def test_arena_error_carries_status():
     e = ArenaError(409, "x")
     assert e.status == 409 and e.message == "x" and len(demo_specs()) == 2
+
+
+@pytest.mark.skipif(not os.environ.get("ARENA_POSTGRES_URL"),
+                    reason="set ARENA_POSTGRES_URL=postgresql+psycopg://... to run the arena against PostgreSQL")
+def test_the_same_flow_on_postgresql():
+    url = os.environ["ARENA_POSTGRES_URL"]
+    c = TestClient(create_app(ArenaSettings(db_url=url)), raise_server_exceptions=False)
+    csrf = CSRF.search(c.get("/").text).group(1)
+    sid = start(c, csrf)
+    assert turn(c, csrf, sid).status_code == 303
+    assert vote(c, csrf, sid, 0, "tie").status_code == 303 and vote(c, csrf, sid, 0, "tie").status_code == 303
+    assert vote(c, csrf, sid, 0, "a").status_code == 409
+    c.app.state.engine.dispose()
+    c2 = TestClient(create_app(ArenaSettings(db_url=url)), cookies=c.cookies)  # migrations are not re-applied
+    assert schema_version(c2.app.state.engine) == 1 and c2.get(f"/s/{sid}").status_code == 200
+    assert sid in {v["session_id"] for v in ratings_export(url, rounds=5)["votes"]}
