@@ -81,6 +81,10 @@ def test_one_vote_per_turn_is_idempotent(tmp_path):
     assert vote(c, csrf, sid, 0, "a").status_code == 303
     assert vote(c, csrf, sid, 0, "a").status_code == 303  # the same vote again: no-op
     assert vote(c, csrf, sid, 0, "b").status_code == 409  # a different vote: refused
+    board = c.get("/api/ratings").json()
+    assert (board["votes"], board["votes_recorded"]) == (0, 1)  # an open session's votes are not rated yet
+    assert all(r["votes"] == 0 for r in board["rows"])  # ... so the board cannot reveal who sits where
+    c.post(f"/s/{sid}/finish", data={"csrf": csrf})
     assert c.get("/api/ratings").json()["votes"] == 1
 
 
@@ -172,7 +176,7 @@ def test_sessions_survive_a_restart(tmp_path):
     assert "Before the restart." in page and 'data-testid="turn-form"' in page  # the stale claim was freed
     assert turn(c2, csrf, sid, "Again.").status_code == 303 and vote(c2, csrf, sid, 1, "a").status_code == 303
     assert schema_version(c2.app.state.engine) == 1
-    assert c2.get("/api/ratings").json()["votes"] == 2
+    assert c2.get("/api/ratings").json()["votes_recorded"] == 2
 
 
 def test_a_failing_model_gives_503_and_frees_the_turn(tmp_path):

@@ -68,6 +68,7 @@ def test_a_session_with_tiny_models_end_to_end(models_yaml, tmp_path):
         assert "tiny-gpt" not in page and "tiny-llama" not in page
         assert c.post(f"/s/{sid}/turns/{idx}/vote", data={"csrf": csrf, "outcome": "a"},
                       follow_redirects=False).status_code == 303
+    c.post(f"/s/{sid}/finish", data={"csrf": csrf})
     board = c.get("/api/ratings").json()
     assert board["votes"] == 2 and {r["model"] for r in board["rows"]} == {"tiny-gpt", "tiny-llama"}
     assert board["agreement"]["n_scored"] == 2  # every vote carries proxy scores of both replies

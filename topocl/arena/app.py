@@ -84,7 +84,7 @@ def create_app(settings: ArenaSettings, pool: ModelPool | None = None) -> FastAP
     app.state.engine, app.state.factory, app.state.pool, app.state.settings = engine, factory, pool, settings
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     posts, everything = RateLimiter(), RateLimiter()
-    board_cache: dict[str, tuple[tuple[int, int], dict]] = {}
+    board_cache: dict[str, tuple[tuple[int, int, int], dict]] = {}
     board_lock = threading.Lock()
 
     def page(request: Request, name: str, status: int = 200, **ctx) -> HTMLResponse:
@@ -213,9 +213,9 @@ def create_app(settings: ArenaSettings, pool: ModelPool | None = None) -> FastAP
         try:
             with factory() as db:
                 key = service.vote_count(db)
-                votes = service.as_rating_votes(service.all_votes(db))
+                votes = service.as_rating_votes(service.all_votes(db, finished_only=True))
             rows = leaderboard(votes, pool.names, rounds=settings.bootstrap_rounds)
-            out = {"votes": len(votes), "sessions": len({v.session for v in votes}),
+            out = {"votes": len(votes), "sessions": len({v.session for v in votes}), "votes_recorded": key[0],
                    "rows": [asdict(r) for r in rows], "agreement": proxy_agreement(votes)}
             board_cache["last"] = (key, out)
             return out

@@ -47,6 +47,7 @@ def _play(url: str, turns: int, seed: int, latencies: dict[str, list[float]], lo
                 else:
                     out["errors"] += 1
                 get(f"/s/{sid}")
+            c.post(f"/s/{sid}/finish", data={"csrf": csrf})
             get("/leaderboard")
         except (httpx.HTTPError, AttributeError, KeyError):
             out["errors"] += 1
@@ -55,14 +56,14 @@ def _play(url: str, turns: int, seed: int, latencies: dict[str, list[float]], lo
 
 def run_load(url: str, players: int = 8, turns: int = 3) -> dict:
     """Play `players` sessions at once; votes_gained (from /api/ratings) must equal votes_ok."""
-    before = httpx.get(f"{url}/api/ratings", timeout=60.0).json()["votes"]
+    before = httpx.get(f"{url}/api/ratings", timeout=60.0).json()["votes_recorded"]
     latencies: dict[str, list[float]] = {}
     lock = threading.Lock()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(players) as ex:
         results = list(ex.map(lambda i: _play(url, turns, i, latencies, lock), range(players)))
     wall = time.perf_counter() - t0
-    after = httpx.get(f"{url}/api/ratings", timeout=60.0).json()["votes"]
+    after = httpx.get(f"{url}/api/ratings", timeout=60.0).json()["votes_recorded"]
     lat = sorted(x for xs in latencies.values() for x in xs)
 
     def q(xs: list[float], p: float) -> float:

@@ -171,15 +171,21 @@ def drop_stale_claims(factory: sessionmaker) -> int:
     return n or 0
 
 
-def all_votes(db: Session) -> list[VoteRow]:
-    return list(db.scalars(select(VoteRow).order_by(VoteRow.created_at, VoteRow.id)))
+def all_votes(db: Session, finished_only: bool = False) -> list[VoteRow]:
+    """Votes in time order; finished_only keeps those of ended sessions (what the public leaderboard rates:
+    a live rating would tell a player which model sits on which side of an open session)."""
+    q = select(VoteRow).order_by(VoteRow.created_at, VoteRow.id)
+    if finished_only:
+        q = q.join(ArenaSession, ArenaSession.id == VoteRow.session_id).where(ArenaSession.status == "finished")
+    return list(db.scalars(q))
 
 
 def as_rating_votes(rows: list[VoteRow]) -> list[Vote]:
     return [Vote(r.session_id, r.model_a, r.model_b, r.outcome, r.proxy_a, r.proxy_b) for r in rows]
 
 
-def vote_count(db: Session) -> tuple[int, int]:
-    """(number of votes, largest vote id): changes whenever a vote is added."""
+def vote_count(db: Session) -> tuple[int, int, int]:
+    """(number of votes, largest vote id, finished sessions): changes whenever the leaderboard may."""
     n, last = db.execute(select(func.count(VoteRow.id), func.max(VoteRow.id))).one()
-    return int(n or 0), int(last or 0)
+    done = db.scalar(select(func.count(ArenaSession.id)).where(ArenaSession.status == "finished"))
+    return int(n or 0), int(last or 0), int(done or 0)
