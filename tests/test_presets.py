@@ -43,5 +43,29 @@ def test_surgery_preset_loads(path):
     load_config(SurgeryRunConfig, path)
 
 
+@pytest.mark.parametrize("path", presets("arena"), ids=lambda p: p.stem)
+def test_arena_models_load(path):
+    pytest.importorskip("fastapi")
+    from topocl.arena.serving import load_specs
+
+    specs = load_specs(path)
+    assert specs and len({s.name for s in specs}) == len(specs)
+
+
+def test_arena_models_yaml_is_strict(tmp_path):
+    pytest.importorskip("fastapi")
+    from topocl.arena.serving import load_specs
+    from topocl.config import ConfigError
+
+    bad = tmp_path / "models.yaml"
+    bad.write_text("models:\n  - {name: a, kind: scripted, temprature: 0.5}\n  - {name: b, kind: scripted}\n")
+    with pytest.raises(ConfigError, match=r"models\[0\]: unknown key\(s\) \['temprature'\]; valid keys: name"):
+        load_specs(bad)
+    bad.write_text("models:\n  - {name: a, kind: scripted, max_new_tokens: many}\n  - {name: b, kind: scripted}\n")
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        load_specs(bad)
+
+
 def test_every_config_folder_is_covered():
-    assert {p.name for p in ROOT.iterdir() if p.is_dir()} <= {"pretrain", "continual", "surgery", "sweeps"}
+    folders = {"pretrain", "continual", "surgery", "sweeps", "arena"}
+    assert {p.name for p in ROOT.iterdir() if p.is_dir()} <= folders

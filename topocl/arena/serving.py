@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from topocl.config import ConfigError, _convert, _fields
 from topocl.tasks.base import Probe
 
 KINDS = ("topocl", "hf", "scripted")
@@ -40,7 +41,7 @@ class ModelSpec:
     temperature: float = 0.8
     top_p: float = 0.95
     device: str = "cpu"
-    extra: dict = field(default_factory=dict)
+    style: str = "keeper"  # scripted only: keeper (repeats the story's latest fact) | forgetter
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -58,16 +59,24 @@ def load_specs(path: str | Path) -> list[ModelSpec]:
     rows = data.get("models") if isinstance(data, dict) else None
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a list under 'models:'")
-    known = {f for f in ModelSpec.__dataclass_fields__ if f != "extra"}
     specs = []
-    for row in rows:
+    for i, row in enumerate(rows):
         if not isinstance(row, dict) or "name" not in row or "kind" not in row:
             raise ValueError(f"{path}: every model needs a name and a kind, got {row!r}")
-        base = {k: v for k, v in row.items() if k in known}
-        if base.get("path") and not Path(base["path"]).is_absolute():
-            base["path"] = str((path.parent / base["path"]).resolve())
-        specs.append(ModelSpec(**base, extra={k: v for k, v in row.items() if k not in known}))
+        spec = _spec(row, f"{path}: models[{i}]")
+        if spec.path and not Path(spec.path).is_absolute():
+            spec.path = str((path.parent / spec.path).resolve())
+        specs.append(spec)
     return check_specs(specs, str(path))
+
+
+def _spec(row: dict, source: str) -> ModelSpec:
+    """A ModelSpec from one YAML row: unknown keys and wrong types are ConfigErrors naming the valid keys."""
+    fields = _fields(ModelSpec)
+    unknown = sorted(set(map(str, row)) - set(fields))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; valid keys: {', '.join(fields)}")
+    return ModelSpec(**{k: _convert(v, fields[k], k, source) for k, v in row.items()})
 
 
 def check_specs(specs: list[ModelSpec], source: str = "models") -> list[ModelSpec]:
@@ -81,8 +90,8 @@ def check_specs(specs: list[ModelSpec], source: str = "models") -> list[ModelSpe
 
 def demo_specs() -> list[ModelSpec]:
     """Two scripted models: one keeps the story's facts, one forgets them (what `serve` uses without --models)."""
-    return [ModelSpec("scripted-keeper", "scripted", extra={"style": "keeper"}),
-            ModelSpec("scripted-forgetter", "scripted", extra={"style": "forgetter"})]
+    return [ModelSpec("scripted-keeper", "scripted", style="keeper"),
+            ModelSpec("scripted-forgetter", "scripted", style="forgetter")]
 
 
 def clean_reply(text: str) -> str:
@@ -111,14 +120,14 @@ class ScriptedBackend(Backend):
 
     def generate(self, prompt: str, seed: int) -> str:
         player = prompt.rsplit("Player:", 1)[-1].split("\nGM:", 1)[0].strip()
-        if self.spec.extra.get("style", "keeper") == "keeper":
+        if self.spec.style == "keeper":
             notes = [ln for ln in prompt.splitlines() if ln.startswith("[GM note:")]
             recall = f" As the table recalls: {notes[-1][10:-1]}" if notes else ""
             return f"The game master nods at '{player[:60]}'.{recall} The road winds on (take {seed % 7})."
         return f"Something happens after '{player[:60]}'. Nobody remembers much (take {seed % 5})."
 
     def score(self, probes: list[Probe]) -> list[bool]:
-        return [self.spec.extra.get("style", "keeper") == "keeper"] * len(probes)
+        return [self.spec.style == "keeper"] * len(probes)
 
 
 class TopoCLBackend(Backend):
