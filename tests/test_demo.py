@@ -13,6 +13,11 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     for run in ("dense-vanilla", "dense-ewc", "dense-replay", "dense-lora", "split-vanilla", "split-acft"):
         assert f"| {run} |" in report and run in out
     assert (tmp_path / "report" / "accuracy_matrix.png").is_file() and "report:" in out
+    assert "H1/H2/H3 evidence" in report and "analysing split-acft: graft, routing, sparsity" in out
+    analysis = (tmp_path / "analysis" / "analysis.md").read_text()
+    assert "split-acft" in analysis and "dense-vanilla" in analysis
+    assert (tmp_path / "split-acft" / "seed0-order0" / "telemetry.jsonl").is_file()
     # a second run reuses every finished stage
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
-    assert capsys.readouterr().out.count("reusing finished") == 8
+    again = capsys.readouterr().out
+    assert again.count("reusing finished") == 8 and "analysing" not in again

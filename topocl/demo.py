@@ -3,7 +3,11 @@
 1. pretrain the tiny dense model and the tiny sparse (split) model on the synthetic common-sense corpus;
 2. run the same 10-world "window-breaking" stream on six arms: dense+vanilla, dense+ewc, dense+replay,
    dense+lora, sparse+vanilla and sparse+acft (configs/continual/tiny-*.yaml);
-3. write one comparison report and print its path and a short table.
+   with per-role telemetry on every arm and every task checkpoint kept for the sparse arms;
+3. analyse the sparse arms (grafting the slow / fast pathway back to its pre-task weights, routing stability of
+   the top-k selections, activation sparsity) and the dense baseline (activation sparsity);
+4. write one comparison report (with the H1/H2/H3 evidence section) and the analysis report, and print their
+   paths and a short table.
 Finished stages are reused when the demo runs again (delete the demo directory to start over);
 an interrupted stage resumes.
 """
@@ -21,6 +25,8 @@ from topocl.config import PretrainConfig, load_config
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ARMS = [("tiny-dense-vanilla", "dense"), ("tiny-dense-ewc", "dense"), ("tiny-dense-replay", "dense"),
         ("tiny-dense-lora", "dense"), ("tiny-split-vanilla", "split"), ("tiny-split-acft", "split")]
+ANALYSED = {"tiny-split-vanilla": ["graft", "routing", "sparsity"], "tiny-split-acft": ["graft", "routing", "sparsity"],
+            "tiny-dense-vanilla": ["sparsity"]}
 
 
 def pretrained(preset: str, out: Path, overrides: list[str]) -> Path:
@@ -64,11 +70,37 @@ def cli(argv: list[str]) -> int:
         acc = s.get("base_probes", {}).get("base", {}).get("acc", float("nan"))
         print(f"tiny {kind}: val {s['val_bpb']:.3f} bits/byte, base-probe accuracy {acc:.1%}, "
               f"{s['tokens_seen']:,} tokens")
-    runs = [arm(config, inits[kind], out / config.removeprefix("tiny-"), cl) for config, kind in ARMS]
+    runs = []
+    for config, kind in ARMS:
+        keep = ["analysis.keep_task_checkpoints=true"] if "graft" in ANALYSED.get(config, []) else []
+        runs.append(arm(config, inits[kind], out / config.removeprefix("tiny-"),
+                        [*cl, "analysis.telemetry=true", *keep]))
+    analysis = analyse(runs, out / "analysis")
     from topocl.report import terminal_table, write_report
 
     report = write_report(runs, out / "report", baseline="dense-vanilla")
     print()
     print(terminal_table(json.loads((out / "report" / "summary.json").read_text())))
-    print(f"\ndemo finished in {(time.perf_counter() - t0) / 60:.1f} min; report: {report}")
+    print(f"\ndemo finished in {(time.perf_counter() - t0) / 60:.1f} min; report: {report}; analysis: {analysis}")
     return 0
+
+
+def analyse(runs: list[Path], out: Path) -> Path:
+    """The analysis stages of ANALYSED on their arms (reused when their artifacts exist), then the analysis
+    report over every arm against the dense-vanilla baseline."""
+    from topocl.analysis.artifacts import stream_dirs
+    from topocl.analysis.cli import analyze_run
+    from topocl.analysis.render import write_analysis
+    from topocl.results import load_rows
+
+    for run in runs:
+        stages = [s for s in ANALYSED.get(f"tiny-{run.name}", [])
+                  if not all((d / "analysis" / f"{s}.jsonl").is_file() for _, _, d in stream_dirs(run))]
+        if stages:
+            print(f"analysing {run.name}: {', '.join(stages)}")
+            for note in analyze_run(run, stages):
+                print(note)
+    from topocl.analysis.artifacts import run_artifacts
+
+    artifacts = {run.name: run_artifacts(run) for run in runs}
+    return write_analysis(load_rows(*runs), artifacts, out, "dense-vanilla", None)
