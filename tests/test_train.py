@@ -133,3 +133,23 @@ def test_evaluate_loss_on_no_rows_reports_nothing(tiny_cfg):
 
     m, _, _ = make(tiny_cfg)
     assert evaluate_loss(m, torch.zeros(0, 17, dtype=torch.long), None, batch_size=4, max_batches=2, device=CPU) == {}
+
+
+def test_checkpoint_of_tied_weights_stores_them_once_and_loads_tied(tmp_path):
+    """HF models tie lm_head to the embeddings: safetensors refuses shared tensors, so the checkpoint keeps one
+    copy and the alias, and loading restores both (still one tensor)."""
+    from safetensors.torch import load_file
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(7, 3)
+            self.head = torch.nn.Linear(3, 7, bias=False)
+            self.head.weight = self.embed.weight
+
+    torch.manual_seed(0)
+    a, b = Tied(), Tied()
+    ck = save_checkpoint(tmp_path, 1, a, None, {})
+    assert set(load_file(ck / "model.safetensors")) == {"embed.weight"}
+    load_checkpoint(ck, b)
+    assert torch.equal(b.head.weight, a.embed.weight) and b.head.weight is b.embed.weight

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -65,6 +66,32 @@ def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor],
     return tensors, groups
 
 
+def model_weights(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict with each shared tensor stored once (tied embeddings / lm_head of HF models), and
+    {alias: stored name} for the others."""
+    weights: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for k, v in unwrap(model).state_dict().items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
+        if key in seen:
+            tied[k] = seen[key]
+            continue
+        seen[key] = k
+        weights[k] = v.detach().cpu().contiguous()
+    return weights, tied
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's model.safetensors as a full state dict (tied aliases filled in)."""
+    path = Path(path)
+    weights = load_file(path)
+    with safe_open(path, "pt") as f:
+        tied = json.loads((f.metadata() or {}).get("tied", "{}"))
+    weights.update({alias: weights[name] for alias, name in tied.items()})
+    return weights
+
+
 def save_checkpoint(ckpt_dir: str | Path, step: int, model: nn.Module, opt: torch.optim.Optimizer | None,
                     state: dict, keep: int = 2, tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint `step` atomically; keep the newest `keep` complete checkpoints. `tensors` are
@@ -75,8 +102,8 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model: nn.Module, opt: torc
     final, tmp = ckpt_dir / name, ckpt_dir / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    weights = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
-    save_file(weights, tmp / "model.safetensors")
+    weights, tied = model_weights(model)
+    save_file(weights, tmp / "model.safetensors", metadata={"tied": json.dumps(tied)})
     extra: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
     extra.update({f"extra::{k}": v.detach().cpu().contiguous() for k, v in (tensors or {}).items()})
     if torch.cuda.is_available():
@@ -128,7 +155,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, opt: torch.optim.Optimiz
     if not (path / "state.json").is_file():
         raise CheckpointError(f"no complete checkpoint at {path} (state.json missing)")
     state = json.loads((path / "state.json").read_text())
-    weights = load_file(path / "model.safetensors")
+    weights = read_weights(path / "model.safetensors")
     target = unwrap(model)
     missing, unexpected = target.load_state_dict(weights, strict=False)
     if missing or unexpected:

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from topocl.checkpoint import complete_checkpoints
+from topocl.checkpoint import complete_checkpoints, read_weights
 from topocl.config import from_dict
 from topocl.continual import ContinualConfig, task_order
 from topocl.evaluate import score_probes
@@ -49,7 +48,7 @@ class Stream:
         if k not in self.checkpoints:
             raise FileNotFoundError(f"{self.dir}: no checkpoint before task {k} (have {sorted(self.checkpoints)}); "
                                     "rerun the stream with analysis.keep_task_checkpoints=true")
-        return {n: v.to(self.device) for n, v in load_file(self.checkpoints[k] / "model.safetensors").items()}
+        return {n: v.to(self.device) for n, v in read_weights(self.checkpoints[k] / "model.safetensors").items()}
 
     def load_weights(self, k: int) -> None:
         self.model.load_state_dict(self.weights(k))
