@@ -36,6 +36,8 @@ import argparse
 import copy
 import dataclasses
 import json
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from topocl.config import ConfigError, TrainConfig, apply_overrides, load_config, save_config
-from topocl.continual import ContinualConfig, run_continual
+from topocl.continual import ContinualConfig
 from topocl.data import BatchSampler, load_corpus, pack_documents
 from topocl.optim import build_optimizer, optimizer_state_bytes
 from topocl.surgery.head_split import HeadSplitConfig, SurgeryReport, apply_head_split, save
@@ -136,14 +138,28 @@ def finetune(model: CausalLM, rows: Tensor, cfg: SurgeryRunConfig, device: torch
 def run_arms(cfg: SurgeryRunConfig, out: Path) -> list[Path]:
     """The continual stream cfg.continual on each of cfg.arms, every arm starting from the same pretrained model
     (out/config.yaml), through the one continual runner: out/arms/{arm}/ are ordinary continual run directories
-    (results.jsonl, cost.json), so `topocl report out/arms/*` compares them."""
+    (results.jsonl, cost.json), so `topocl report out/arms/*` compares them. Each arm runs in its own process
+    (`topocl continual out/arms/{arm}.yaml`), so its peak memory in cost.json is its own; a finished arm is
+    reused and an interrupted one resumes."""
     dirs = []
     for arm in cfg.arms:
         ccfg = dataclasses.replace(copy.deepcopy(cfg.continual), out_dir=str(out / "arms" / arm), run=arm, init="",
                                    surgery=str(out / "config.yaml"), surgery_arm=arm)
         ccfg = apply_overrides(ccfg, cfg.arm_overrides.get(arm, []), source=f"arm_overrides.{arm}")
-        print(f"continual stream {ccfg.stream} on arm {arm!r} -> {ccfg.out_dir}")
-        dirs.append(run_continual(ccfg))
+        d = Path(ccfg.out_dir)
+        dirs.append(d)
+        if (d / "cost.json").is_file():
+            print(f"reusing finished arm {arm!r}: {d}")
+            continue
+        ccfg.resume = (d / "results.jsonl").is_file()
+        spec = out / "arms" / f"{arm}.yaml"
+        spec.parent.mkdir(parents=True, exist_ok=True)
+        save_config(ccfg, spec)
+        print(f"continual stream {ccfg.stream} on arm {arm!r} -> {d}")
+        done = subprocess.run([sys.executable, "-m", "topocl", "continual", str(spec)])
+        if done.returncode != 0:
+            raise RuntimeError(f"arm {arm!r} failed (exit {done.returncode}); `topocl surgery` again resumes it "
+                               f"(its config: {spec})")
     return dirs
 
 
