@@ -49,7 +49,7 @@ def test_rows_are_tidy_and_cover_the_matrix(pretrained, tmp_path):
 
 
 def test_resume_mid_stream_gives_the_same_rows(pretrained, tmp_path):
-    extra = ["strategies=[ewc,replay]", "eval_every=2"]
+    extra = ["strategies=[ewc,replay]", "eval_every=2", "analysis.keep_task_checkpoints=true"]
     assert continual(pretrained, tmp_path / "a", *extra) == 0
     straight = (tmp_path / "a" / "results.jsonl").read_text()
     shutil.copytree(tmp_path / "a", tmp_path / "b")
@@ -58,11 +58,13 @@ def test_resume_mid_stream_gives_the_same_rows(pretrained, tmp_path):
     ck = b / "seed0-order0" / "checkpoints"
     shutil.rmtree(ck / "step_00000003")
     (ck / "LATEST").write_text("step_00000002")
+    kept = (ck / "step_00000002" / "state.json").stat().st_mtime_ns
     rows = straight.splitlines()
     cut = next(i for i, r in enumerate(rows) if json.loads(r)["after_task"] == 2)
     (b / "results.jsonl").write_text("\n".join(rows[:cut - 3]) + "\n")
     assert continual(pretrained, b, *extra, "resume=true") == 0
-    assert (b / "results.jsonl").read_text() == straight
+    assert (b / "results.jsonl").read_text() == straight  # same rows, same steps
+    assert (ck / "step_00000002" / "state.json").stat().st_mtime_ns == kept  # tasks 0-1 were not trained again
 
 
 @pytest.mark.parametrize("arm", ["tiny-dense-lora.yaml", "tiny-dense-joint.yaml", "tiny-dense-ewc.yaml",

@@ -227,7 +227,7 @@ class StreamRun:
                 else:
                     meta[f"{s.name}.{k}"] = v
         save_checkpoint(self.dir / "checkpoints", next_task, self.model, None,
-                        {"next_task": next_task, "step": self.step, "strategies": meta, "cost": self.cost},
+                        {"next_task": next_task, "runner_step": self.step, "strategies": meta, "cost": self.cost},
                         keep=0 if self.cfg.analysis.keep_task_checkpoints else 1, tensors=tensors)
 
     def restore(self) -> int:
@@ -240,7 +240,7 @@ class StreamRun:
             pre = f"{s.name}."
             st = {k[len(pre):]: v for k, v in {**state["strategies"], **tensors}.items() if k.startswith(pre)}
             s.load_state_dict(st)
-        self.step, self.cost = state["step"], state["cost"]
+        self.step, self.cost = state["runner_step"], state["cost"]  # (state["step"] is the checkpoint's number)
         return state["next_task"]
 
     # ------------------------------------------------------------------ training
