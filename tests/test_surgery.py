@@ -386,7 +386,8 @@ def test_surgery_arms_run_the_stream_through_the_continual_runner(tmp_path):
     assert trainable["lora"] < trainable["full"] and trainable["surgery"] < trainable["full"]
     assert costs["surgery"]["runs"][0]["trainable_by_role"]["attn.dense_heads"] == 0
     assert costs["surgery"]["optimizer_state_bytes"] < costs["full"]["optimizer_state_bytes"]
-    assert (out / "report" / "report.md").is_file()
+    report = (out / "report" / "report.md").read_text()
+    assert all(f"| {a} | strategies=vanilla; surgery_arm={a} |" in report for a in ("surgery", "full", "lora"))
 
 
 def test_runner_rejects_bad_surgery_settings(tmp_path):

@@ -50,6 +50,8 @@ def describe(config: dict) -> str:
     if not config:
         return ""
     parts = [f"strategies={'+'.join(config.get('strategies') or [])}", f"adapter={config.get('adapter', 'none')}"]
+    if config.get("surgery"):  # an HF model's arm: surgery (head split) | full | lora
+        parts[1] = f"surgery_arm={config.get('surgery_arm', 'surgery')}"
     roles = (config.get("train") or {}).get("roles") or {}
     if roles:
         parts.append("roles: " + ", ".join(f"{r}×{(v or {}).get('lr_scale', 1)}" for r, v in sorted(roles.items())))
