@@ -37,8 +37,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from topocl.checkpoint import write_json_atomic
 from topocl.config import ConfigError, PretrainConfig, load_config
-from topocl.sweep_exec import ExecutorConfig, _write_json, is_done, run_local, run_submitit
+from topocl.sweep_exec import ExecutorConfig, is_done, run_local, run_submitit
 
 MANIFEST = "sweep.json"
 KINDS = ("pretrain", "continual")
@@ -145,7 +146,7 @@ def expand(cfg: SweepConfig, sweep_file: str | Path, every: list[str] | None = N
 def write_manifest(root: Path, cfg: SweepConfig, sweep_file: str | Path, runs: list[dict]) -> None:
     root.mkdir(parents=True, exist_ok=True)
     counts = {s: sum(r["status"] == s for r in runs) for s in ("done", "failed", "skipped", "pending")}
-    _write_json(root / MANIFEST, {"name": cfg.name, "sweep_file": str(Path(sweep_file).resolve()),
+    write_json_atomic(root / MANIFEST, {"name": cfg.name, "sweep_file": str(Path(sweep_file).resolve()),
                                   "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "counts": counts, "runs": runs})
 
 

@@ -12,7 +12,6 @@ A run that exits non-zero is reported (status failed, return code, log path) and
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from topocl.checkpoint import write_json_atomic
 
 DONE = "DONE.json"
 LOG = "sweep.log"
@@ -65,15 +66,6 @@ def command(run: dict) -> list[str]:
     return [sys.executable, "-m", "topocl", run["kind"], run["config"], *run["overrides"], *extra]
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def execute_run(run: dict, env: dict[str, str] | None = None) -> dict:
     """Run one sweep run to completion in a subprocess; returns {status, returncode, wall_s, log}."""
     out = Path(run["out_dir"])
@@ -89,7 +81,7 @@ def execute_run(run: dict, env: dict[str, str] | None = None) -> dict:
     res = {"status": "done" if rc == 0 else "failed", "returncode": rc, "wall_s": time.perf_counter() - t0,
            "log": str(log)}
     if rc == 0:
-        _write_json(out / DONE, {**res, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        write_json_atomic(out / DONE, {**res, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return res
 
 
