@@ -1,3 +1,7 @@
+"""`python -m topocl ...` == `topocl ...`."""
+
+import sys
+
 from topocl.cli import main
 
-raise SystemExit(main())
+sys.exit(main())
