@@ -6,14 +6,22 @@
 
 A checkpoint is written into a hidden temp directory, fsynced, then renamed into place; LATEST is
 replaced with os.replace. A crash at any moment leaves the previous checkpoint loadable: a directory
-without state.json (written last) is never considered complete.
+without state.json (written last) is never considered complete. A checkpoint holding NaN/inf is never
+written (NonFiniteCheckpoint; LATEST keeps pointing to the last good one).
+
+state.json is the manifest: it records the size and SHA-256 of both safetensors files, and loading
+verifies them first, so a truncated or bit-rotted file is refused (CheckpointError naming the file and
+the fix) before any weight is touched. `load_latest` (resume) then falls back to the previous intact
+checkpoint, with a CheckpointWarning saying so. Checkpoints written before the manifest load unverified.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +33,35 @@ from torch import nn
 LATEST = "LATEST"
 
 
+FILES = ("model.safetensors", "optim.safetensors")
+
+
 class CheckpointError(FileNotFoundError):
-    """A missing or unreadable checkpoint."""
+    """A missing, unreadable or corrupt checkpoint; the message names the file and the fix."""
+
+
+class NonFiniteCheckpoint(RuntimeError):
+    """The weights (or optimizer state) hold NaN/inf: the checkpoint was not written."""
+
+
+class CheckpointWarning(UserWarning):
+    """An unusable checkpoint was skipped for the previous intact one."""
+
+
+def _fix(ckpt: Path) -> str:
+    return (f"delete {ckpt} to resume from the previous checkpoint, or start again in a new out_dir "
+            "(the file is damaged: disk error, full disk or an interrupted copy)")
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    for k, v in tensors.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise NonFiniteCheckpoint(f"'{k}' holds NaN/inf: {where} was not written")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -100,10 +135,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model: nn.Module, opt: torc
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
     final, tmp = ckpt_dir / name, ckpt_dir / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     weights, tied = model_weights(model)
-    save_file(weights, tmp / "model.safetensors", metadata={"tied": json.dumps(tied)})
     extra: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
     extra.update({f"extra::{k}": v.detach().cpu().contiguous() for k, v in (tensors or {}).items()})
     if torch.cuda.is_available():
@@ -112,8 +144,16 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model: nn.Module, opt: torc
     if opt is not None:
         tensors, groups = _optim_tensors(opt)
         extra.update({f"optim::{k}": v for k, v in tensors.items()})
+    prev = latest_checkpoint(ckpt_dir)
+    _check_finite({**weights, **extra}, f"checkpoint {final} ({LATEST} still points to "
+                  f"{prev.name if prev else 'no checkpoint'})")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(weights, tmp / "model.safetensors", metadata={"tied": json.dumps(tied)})
     save_file(extra, tmp / "optim.safetensors")
-    write_json_atomic(tmp / "state.json", {**state, "step": step, "param_groups": groups})  # last = complete
+    files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in FILES}
+    write_json_atomic(tmp / "state.json", {**state, "step": step, "param_groups": groups,
+                                           "files": files})  # last = complete
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -148,20 +188,59 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+def read_state(path: str | Path) -> dict:
+    """A checkpoint's state.json (its manifest); CheckpointError naming the file when it is unreadable."""
+    path = Path(path)
+    f = path / "state.json"
+    if not f.is_file():
+        raise CheckpointError(f"no complete checkpoint at {path} (state.json missing)")
+    try:
+        state = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e}); {_fix(path)}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{f}: expected a JSON object; {_fix(path)}")
+    return state
+
+
+def verify_checkpoint(path: str | Path) -> dict:
+    """The state of checkpoint `path` after checking every file against its manifest (size, SHA-256)."""
+    path = Path(path)
+    state = read_state(path)
+    for name, info in state.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing; {_fix(path)}")
+        size = f.stat().st_size
+        if size != info["bytes"]:
+            raise CheckpointError(f"{f}: {size} bytes, the manifest says {info['bytes']} (truncated?); {_fix(path)}")
+        if _sha256(f) != info["sha256"]:
+            raise CheckpointError(f"{f}: SHA-256 differs from the manifest (the file is corrupt); {_fix(path)}")
+    return state
+
+
+def _read(f: Path, fn, ckpt: Path):
+    try:
+        return fn(f)
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for truncated / garbled files
+        raise CheckpointError(f"{f}: unreadable ({type(e).__name__}: {e}); {_fix(ckpt)}") from None
+
+
 def load_checkpoint(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer | None = None,
                     restore_rng: bool = True) -> dict:
-    """Load weights (strict) and, if given, optimizer state; returns the JSON state."""
+    """Load weights (strict) and, if given, optimizer state; returns the JSON state. The files are verified
+    against the manifest before anything is loaded."""
     path = Path(path)
-    if not (path / "state.json").is_file():
-        raise CheckpointError(f"no complete checkpoint at {path} (state.json missing)")
-    state = json.loads((path / "state.json").read_text())
-    weights = read_weights(path / "model.safetensors")
+    state = verify_checkpoint(path)
+    weights = _read(path / "model.safetensors", read_weights, path)
+    extra = _read(path / "optim.safetensors", load_file, path)
     target = unwrap(model)
     missing, unexpected = target.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path}: checkpoint does not fit the model: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
-    extra = load_file(path / "optim.safetensors")
     if opt is not None:
         by_name = {n: p for g in opt.param_groups for n, p in zip(g["names"], g["params"])}
         opt.state.clear()
@@ -179,7 +258,29 @@ def load_checkpoint(path: str | Path, model: nn.Module, opt: torch.optim.Optimiz
     return state
 
 
+def load_latest(ckpt_dir: str | Path, model: nn.Module, opt: torch.optim.Optimizer | None = None,
+                restore_rng: bool = True) -> tuple[Path, dict] | None:
+    """Resume: load the newest intact checkpoint (LATEST's, else older ones, newest first), warning for each
+    unusable one skipped. None when there is no complete checkpoint; CheckpointError when none is intact."""
+    latest = latest_checkpoint(ckpt_dir)
+    if latest is None:
+        return None
+    older = sorted((c for c in complete_checkpoints(ckpt_dir) if c.name < latest.name), reverse=True)
+    errors = []
+    for ck in [latest, *older]:
+        try:
+            state = load_checkpoint(ck, model, opt, restore_rng)
+        except CheckpointError as e:
+            errors.append(str(e))
+            continue
+        if errors:
+            warnings.warn(f"resuming from the previous intact checkpoint {ck} because: {'; and '.join(errors)}",
+                          CheckpointWarning, stacklevel=2)
+        return ck, state
+    raise CheckpointError(f"no intact checkpoint under {ckpt_dir}: {'; and '.join(errors)}")
+
+
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """The extra tensors saved with `save_checkpoint(..., tensors=...)`."""
-    extra = load_file(Path(path) / "optim.safetensors")
+    extra = _read(Path(path) / "optim.safetensors", load_file, Path(path))
     return {k[len("extra::"):]: v for k, v in extra.items() if k.startswith("extra::")}

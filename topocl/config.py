@@ -5,6 +5,7 @@
 Every YAML key and every override must name a field; values are converted by the field's type
 (`lr=3e-4` is a float, `resume=true` a bool). Errors name the key, where it came from and the valid
 keys. A YAML file may start with `include: other.yaml` (relative to itself) to inherit from another.
+Loaded values are then checked against BOUNDS (train.steps=-5 is an error naming train.steps).
 """
 
 from __future__ import annotations
@@ -326,6 +327,44 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]
     return layers + [(data, str(path))]
 
 
+# ----------------------------------------------------------------------------- value checks
+
+# "Class.field" -> (lowest, highest) allowed, None = unbounded; checked after loading (a negative step count
+# would otherwise run nothing and exit 0). Classes of other modules are named here too (no import needed).
+BOUNDS: dict[str, tuple[float | None, float | None]] = {
+    **{f"TrainConfig.{k}": (0, None) for k in ("steps", "lr", "warmup_steps", "weight_decay", "grad_clip",
+                                               "eval_batches", "keep_checkpoints")},
+    **{f"TrainConfig.{k}": (1, None) for k in ("batch_size", "grad_accum", "eval_every", "log_every", "ckpt_every")},
+    **{f"TrainConfig.{k}": (0, 1) for k in ("min_lr_ratio", "beta1", "beta2")},
+    **{f"DataConfig.{k}": (1, None) for k in ("synthetic_docs", "vocab_size", "seq_len")},
+    "DataConfig.max_docs": (0, None), "DataConfig.val_fraction": (0, 1),
+    **{f"ModelConfig.{k}": (1, None) for k in ("n_layer", "d_model", "n_head", "n_kv_head", "max_seq_len")},
+    **{f"ModelConfig.{k}": (0, None) for k in ("vocab_size", "head_dim", "d_ff")},
+    "RolePolicy.lr_scale": (0, None), "RolePolicy.weight_decay": (-1, None), "RolePolicy.anchor": (0, 1),
+    "PretrainConfig.samples": (0, None),
+    "ContinualConfig.eval_every": (0, None), "ContinualConfig.base_rows": (0, None),
+}
+
+
+def validate(cfg: Any, prefix: str = "") -> Any:
+    """Check every bounded field (BOUNDS) of `cfg` and its nested configs; ConfigError names the key."""
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            validate(value, f"{key}.")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if dataclasses.is_dataclass(v):
+                    validate(v, f"{key}.{k}.")
+        bounds = BOUNDS.get(f"{type(cfg).__name__}.{f.name}")
+        if bounds and isinstance(value, int | float) and not isinstance(value, bool):
+            lo, hi = bounds
+            if value != value or (lo is not None and value < lo) or (hi is not None and value > hi):
+                want = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+                raise ConfigError(f"{key}={value} must be {want}")
+    return cfg
+
+
 def apply_overrides(cfg: Any, overrides: list[str], source: str = "command line") -> Any:
     """Apply `a.b=c` strings to a config dataclass in place; returns it."""
     for ov in overrides:
@@ -343,7 +382,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         for data, source in _read_yaml(Path(path)):
             for k, v in data.items():
                 _set(cfg, [str(k)], v, source)
-    return apply_overrides(cfg, overrides or [])
+    return validate(apply_overrides(cfg, overrides or []))
 
 
 def to_dict(cfg: Any) -> dict:
@@ -354,7 +393,7 @@ def from_dict(cls: type, data: dict, source: str = "dict") -> Any:
     cfg = cls()
     for k, v in data.items():
         _set(cfg, [str(k)], v, source)
-    return cfg
+    return validate(cfg)
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

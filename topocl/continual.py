@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -40,10 +39,11 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from topocl.analysis.telemetry import AnalysisConfig, Telemetry
-from topocl.checkpoint import latest_checkpoint, load_checkpoint, load_tensors, save_checkpoint, write_json_atomic
+from topocl.checkpoint import NonFiniteCheckpoint, load_latest, load_tensors, save_checkpoint, write_json_atomic
 from topocl.config import ConfigError, TrainConfig, load_config, save_config
 from topocl.data import BatchSampler, pack_documents
 from topocl.evaluate import score_probes
+from topocl.jsonl import append_jsonl, rewrite_jsonl
 from topocl.lora import LoRAConfig, apply_lora, has_lora, lora_policy
 from topocl.optim import build_optimizer, optimizer_state_bytes, role_params
 from topocl.pretrain import load_run
@@ -52,7 +52,7 @@ from topocl.strategies import DreamConfig, EWCConfig, ReplayConfig
 from topocl.strategies.base import StrategyContext
 from topocl.tasks import Probe, Task
 from topocl.tasks.streams import build_stream
-from topocl.train import autocast_for, evaluate_loss, resolve_device, train_steps
+from topocl.train import NonFiniteLoss, autocast_for, evaluate_loss, resolve_device, train_steps
 
 
 @dataclass
@@ -105,17 +105,11 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def _append(path: Path, rows: list[dict]) -> None:
-    with open(path, "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    append_jsonl(path, rows)  # strict JSON: NaN/inf as null
 
 
 def _keep_rows(path: Path, keep) -> None:
-    if not path.is_file():
-        return
-    rows = [r for r in path.read_text().splitlines() if r.strip() and keep(json.loads(r))]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(r + "\n" for r in rows))
-    os.replace(tmp, path)
+    rewrite_jsonl(path, keep)  # on resume; a torn last line (a kill during an append) is dropped with a warning
 
 
 class Evaluator:
@@ -231,10 +225,10 @@ class StreamRun:
                         keep=0 if self.cfg.analysis.keep_task_checkpoints else 1, tensors=tensors)
 
     def restore(self) -> int:
-        ck = latest_checkpoint(self.dir / "checkpoints")
-        if ck is None:
+        found = load_latest(self.dir / "checkpoints", self.model)  # a damaged checkpoint: the previous intact one
+        if found is None:
             return 0
-        state = load_checkpoint(ck, self.model)
+        ck, state = found
         tensors = load_tensors(ck)
         for s in self.strategies:
             pre = f"{s.name}."
@@ -326,14 +320,14 @@ class StreamRun:
         steps = [cfg.train.steps * (j + 1 if joint else 1) for j in range(len(self.tasks))]  # joint: same steps/task
         bar = tqdm(total=sum(steps), initial=sum(steps[:start]), desc=f"{self.ident['run']} s{self.seed} "
                    f"o{self.order}", unit="step", dynamic_ncols=True, file=sys.stderr)
-        for j in range(start, len(self.tasks)):
-            if cfg.reference in ("joint", "single"):
-                self.reset_to_init()
-            rows = torch.cat(self.rows[: j + 1]) if joint else self.rows[j]
-            self.train_task(rows, j, steps[j], bar, results)
-            _append(results, self.evaluate(self.model, self.ident, j, self.step))
-            self.save(j + 1)
-        bar.close()
+        with bar:  # closed on a non-finite stop too, so the message gets a line of its own
+            for j in range(start, len(self.tasks)):
+                if cfg.reference in ("joint", "single"):
+                    self.reset_to_init()
+                rows = torch.cat(self.rows[: j + 1]) if joint else self.rows[j]
+                self.train_task(rows, j, steps[j], bar, results)
+                _append(results, self.evaluate(self.model, self.ident, j, self.step))
+                self.save(j + 1)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         times = self.cost["step_times"]
         return {"trainable_params": trainable,
@@ -411,6 +405,10 @@ def cli(argv: list[str]) -> int:
     ap.add_argument("config")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
-    out = run_continual(load_config(ContinualConfig, args.config, args.overrides))
+    try:
+        out = run_continual(load_config(ContinualConfig, args.config, args.overrides))
+    except (NonFiniteLoss, NonFiniteCheckpoint) as e:
+        print(f"topocl continual: stopped: {e}", file=sys.stderr)
+        return 1
     print(f"run directory: {out}  (results: {out / 'results.jsonl'})")
     return 0

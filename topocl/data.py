@@ -21,7 +21,6 @@ file and the line (JSONL, text encoding) or row (parquet).
 from __future__ import annotations
 
 import itertools
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from topocl.config import DataConfig
+from topocl.jsonl import iter_jsonl
 from topocl.tokenizer import Tokenizer
 
 SUFFIXES = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".parquet": "parquet"}
@@ -65,16 +65,7 @@ def _read_text(path: Path) -> list[str]:
 
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
     docs = []
-    for n, raw in enumerate(path.read_bytes().split(b"\n"), 1):
-        line = _decode(path, raw, line_offset=n - 1)
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CorpusError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise CorpusError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+    for n, obj in iter_jsonl(path, torn=False, error=CorpusError):
         if text_field not in obj:
             raise CorpusError(f"{path}:{n}: missing field '{text_field}' (fields: {', '.join(obj) or 'none'})")
         if not isinstance(obj[text_field], str):

@@ -31,11 +31,11 @@ ANALYSED = {"tiny-split-vanilla": ["graft", "routing", "sparsity"], "tiny-split-
 
 def pretrained(preset: str, out: Path, overrides: list[str]) -> Path:
     """Pretrain `preset` into `out` unless a finished run is already there."""
-    from topocl.pretrain import pretrain
+    from topocl.pretrain import finished, pretrain
 
     cfg = load_config(PretrainConfig, CONFIGS / "pretrain" / f"{preset}.yaml", [f"out_dir={out}", *overrides])
     ck = latest_checkpoint(out / "checkpoints")
-    if ck is not None and (out / "summary.json").is_file():
+    if finished(cfg, out):  # its summary.json is complete (a run killed before it resumes and finishes it)
         print(f"reusing finished pretraining run {out}")
         return out
     cfg.resume = ck is not None

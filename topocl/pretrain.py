@@ -3,7 +3,8 @@
     RUN/ config.yaml  meta.json  metrics.jsonl  tokenizer.json  checkpoints/  samples.txt  summary.json
 
 Runs unchanged under `torchrun --nproc_per_node=N -m topocl pretrain ...` (DDP). `resume=true`
-continues from the newest complete checkpoint on the same loss curve.
+continues from the newest intact checkpoint on the same loss curve (a damaged one is skipped, saying so);
+a run killed after its last checkpoint only finishes its summary, and a finished run is left as it is.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
-import os
 import platform
 import subprocess
 import sys
@@ -27,13 +26,17 @@ from tqdm import tqdm
 import topocl
 from topocl.checkpoint import (
     CheckpointError,
+    NonFiniteCheckpoint,
     latest_checkpoint,
     load_checkpoint,
+    load_latest,
+    read_state,
     save_checkpoint,
     write_json_atomic,
 )
 from topocl.config import ConfigError, PretrainConfig, from_dict, load_config, save_config, to_dict
 from topocl.data import BatchSampler, prepare_data
+from topocl.jsonl import append_jsonl, rewrite_jsonl
 from topocl.model import GPT
 from topocl.optim import build_optimizer
 from topocl.tokenizer import Tokenizer
@@ -80,20 +83,16 @@ def run_meta(cfg: PretrainConfig, model: GPT, device: torch.device, world: int, 
     }
 
 
-def _append_jsonl(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _truncate_metrics(path: Path, next_step: int) -> None:
-    """On resume, drop logged rows of steps that will be run again (keeps the curve single-valued)."""
-    if not path.is_file():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in rows if json.loads(r).get("step", -1) < next_step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(r + "\n" for r in kept))
-    os.replace(tmp, path)
+def finished(cfg: PretrainConfig, out: Path) -> bool:
+    """The run in `out` has its summary (written last) for cfg.train.steps steps: nothing left to do."""
+    ck = latest_checkpoint(out / "checkpoints")
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+        done = read_state(ck).get("next_step", -1) if ck else -1
+    except (OSError, ValueError):
+        return False
+    has_val = cfg.data.val_fraction > 0
+    return done == cfg.train.steps and summary.get("steps", done) == done and ("val_loss" in summary or not has_val)
 
 
 def _check_resume_config(cfg: PretrainConfig, out: Path) -> None:
@@ -155,6 +154,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
                           "another out_dir= (nothing was overwritten)")
     if cfg.resume:
         _check_resume_config(cfg, out)
+        if finished(cfg, out):
+            if is_main():
+                print(f"{out} is a finished run ({tr.steps} steps, summary.json): nothing to do", file=sys.stderr)
+            return out
 
     tok_path = out / "tokenizer.json" if cfg.resume else (Path(cfg.data.tokenizer) if cfg.data.tokenizer else None)
     data = prepare_data(cfg.data, cfg.seed, tokenizer=Tokenizer.load(tok_path) if tok_path else None)
@@ -171,15 +174,17 @@ def pretrain(cfg: PretrainConfig) -> Path:
     opt = build_optimizer(model, tr)
     start = 0
     if cfg.resume:
-        state = load_checkpoint(ck, model, opt)
+        ck, state = load_latest(ckpt_dir, model, opt)
         start = state["next_step"]
+        if start > tr.steps:
+            raise ConfigError(f"resume=true with train.steps={tr.steps}, but {ck} is already at step {start}")
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         tok.save(out / "tokenizer.json")
         if not cfg.resume:
             write_json_atomic(out / "meta.json", run_meta(cfg, model, device, world, data.stats))
-        _truncate_metrics(out / "metrics.jsonl", start)
+        rewrite_jsonl(out / "metrics.jsonl", lambda r: r.get("step", -1) < start)  # drops a torn last line too
     train_model = model
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -193,32 +198,36 @@ def pretrain(cfg: PretrainConfig) -> Path:
                dynamic_ncols=True, file=sys.stderr)
     tokens_seen = start * tr.batch_size * cfg.data.seq_len
     last: dict = {}
-    for r in train_steps(train_model, opt, lambda s: data.train[sampler.indices(s)], range(start, tr.steps),
-                         cfg=tr, device=device, dtype=cfg.dtype):
-        tokens_seen += r.tokens
-        done = r.step + 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{r.loss:.3f}", tok_s=f"{r.tokens_per_s:,.0f}", refresh=False)
-        if is_main() and (done % tr.log_every == 0 or done == tr.steps):
-            _append_jsonl(out / "metrics.jsonl", {
-                "step": r.step, "train_loss": r.loss, "lm_loss": r.lm_loss, "lr": r.lr,
-                "grad_norm": r.grad_norm, "tokens_per_s": r.tokens_per_s, "tokens": tokens_seen,
-                **{k: v for k, v in r.aux.items()}})
-        if done % tr.eval_every == 0 or done == tr.steps:
-            if is_main():
-                last = evaluate_loss(model, data.val, token_bytes, batch_size=tr.batch_size,
-                                     max_batches=tr.eval_batches, device=device, dtype=cfg.dtype)
-                if last:
-                    _append_jsonl(out / "metrics.jsonl", {"step": r.step, "tokens": tokens_seen, **last})
-                    bar.write(f"step {done}: val loss {last['val_loss']:.4f}  bits/byte {last.get('val_bpb', 0):.4f}")
-        if done % tr.ckpt_every == 0 or done == tr.steps:
-            if is_main():
-                save_checkpoint(ckpt_dir, done, model, opt, {"next_step": done, "tokens": tokens_seen},
-                                keep=tr.keep_checkpoints)
-            if dist.is_initialized():
-                dist.barrier()
-    bar.close()
+    with bar:  # closed on a non-finite stop too, so the message gets a line of its own
+        for r in train_steps(train_model, opt, lambda s: data.train[sampler.indices(s)], range(start, tr.steps),
+                             cfg=tr, device=device, dtype=cfg.dtype):
+            tokens_seen += r.tokens
+            done = r.step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{r.loss:.3f}", tok_s=f"{r.tokens_per_s:,.0f}", refresh=False)
+            if is_main() and (done % tr.log_every == 0 or done == tr.steps):
+                append_jsonl(out / "metrics.jsonl", [{
+                    "step": r.step, "train_loss": r.loss, "lm_loss": r.lm_loss, "lr": r.lr,
+                    "grad_norm": r.grad_norm, "tokens_per_s": r.tokens_per_s, "tokens": tokens_seen,
+                    **{k: v for k, v in r.aux.items()}}])
+            if done % tr.eval_every == 0 or done == tr.steps:
+                if is_main():
+                    last = evaluate_loss(model, data.val, token_bytes, batch_size=tr.batch_size,
+                                         max_batches=tr.eval_batches, device=device, dtype=cfg.dtype)
+                    if last:
+                        append_jsonl(out / "metrics.jsonl", [{"step": r.step, "tokens": tokens_seen, **last}])
+                        bar.write(f"step {done}: val loss {last['val_loss']:.4f}  "
+                                  f"bits/byte {last.get('val_bpb', 0):.4f}")
+            if done % tr.ckpt_every == 0 or done == tr.steps:
+                if is_main():
+                    save_checkpoint(ckpt_dir, done, model, opt, {"next_step": done, "tokens": tokens_seen},
+                                    keep=tr.keep_checkpoints)
+                if dist.is_initialized():
+                    dist.barrier()
     if is_main():
+        if start == tr.steps:  # killed after the last checkpoint, before summary.json: the final evaluation again
+            last = evaluate_loss(model, data.val, token_bytes, batch_size=tr.batch_size, max_batches=tr.eval_batches,
+                                 device=device, dtype=cfg.dtype)
         finish(cfg, model, tok, data, out, device, last, tokens_seen)
     return out
 
@@ -226,7 +235,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
 def finish(cfg: PretrainConfig, model: GPT, tok: Tokenizer, data, out: Path, device: torch.device,
            last: dict, tokens_seen: int) -> dict:
     """Greedy samples, base-probe accuracy (synthetic corpus), summary.json."""
-    summary = {"tokens_seen": tokens_seen, **last}
+    summary = {"steps": cfg.train.steps, "tokens_seen": tokens_seen, **last}
     if cfg.data.corpus == "synthetic" and cfg.probe:
         from topocl.evaluate import probe_accuracy, score_probes
         from topocl.world import base_probes
@@ -259,7 +268,7 @@ def cli(argv: list[str]) -> int:
     try:
         out = pretrain(cfg)
         main_rank = is_main()
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, NonFiniteCheckpoint) as e:
         print(f"topocl pretrain: stopped: {e}", file=sys.stderr)
         return 1
     finally:
@@ -269,7 +278,7 @@ def cli(argv: list[str]) -> int:
         summary = json.loads((out / "summary.json").read_text())
         bp = summary.get("base_probes", {}).get("base", {})
         extra = f", base-probe acc {bp['acc']:.1%}" if "acc" in bp else ""
-        bpb = summary.get("val_bpb", math.nan)
-        print(f"run directory: {out}  (val loss {summary.get('val_loss', math.nan):.4f}, "
-              f"{bpb:.4f} bits/byte{extra})")
+        val = (f"val loss {summary['val_loss']:.4f}, {summary['val_bpb']:.4f} bits/byte"
+               if "val_bpb" in summary else "no held-out data")
+        print(f"run directory: {out}  ({val}{extra})")
     return 0

@@ -8,7 +8,7 @@ results.jsonl: one JSON object per line with exactly these keys (written by `top
     eval_task          training-order position of the task whose probes these are; always -1 for kind base
     kind               retain | update | base
     metric             acc (candidate accuracy) | em | nll | bpb (held-out base corpus, kind base) | ...
-    value              number (NaN/inf allowed: a diverged model is a result)
+    value              number, or null for NaN/inf (a diverged model is a result; null reads back as NaN)
 A (run, seed, order, after_task, step, eval_task, kind, metric) key may occur only once.
 
 cost.json (one per run directory): either one cost entry, or the runner's form {"runs": [entry with
@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from topocl import metrics as M
+from topocl.jsonl import iter_jsonl
 
 KEYS = {"run": str, "seed": int, "order": int, "after_task": int, "step": int, "eval_task": int, "kind": str,
         "metric": str, "value": float}
@@ -57,6 +58,8 @@ def validate_row(obj: object, where: str) -> dict:
     if missing or extra:
         raise ResultsError(f"{where}: keys must be exactly {sorted(KEYS)}; missing {sorted(missing)}, "
                            f"unexpected {sorted(extra)}")
+    if obj["value"] is None:  # written for NaN/inf (strict JSON)
+        obj = {**obj, "value": math.nan}
     for k, tp in KEYS.items():
         if not _typed(obj[k], tp):
             raise ResultsError(f"{where}: field '{k}' must be {tp.__name__}, got {obj[k]!r}")
@@ -84,13 +87,7 @@ def load_rows(*paths: str | Path) -> list[dict]:
     for path in map(results_path, paths):
         if not path.is_file():
             raise ResultsError(f"no results file at {path}")
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ResultsError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+        for n, obj in iter_jsonl(path, error=ResultsError, objects=False):  # a torn last line: dropped, warned
             row = validate_row(obj, f"{path}:{n}")
             key = tuple(row[k] for k in KEYS if k != "value")
             if key in seen:

@@ -7,7 +7,8 @@
 step. A strategy changes what is trained through `batches` (e.g. replay mixing), adds a loss through
 `extra_loss(model, out, micro_batch)`, and acts after a step on the yielded result (EMA anchoring).
 The loop does: LR schedule per role group, micro-batches (grad accumulation), bf16 autocast on CUDA,
-DDP no_sync, non-finite-loss stop (before the optimizer step, so weights stay good), grad clipping.
+DDP no_sync, non-finite loss / gradient-norm stop (before the optimizer step, so weights stay good), grad
+clipping.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from topocl.optim import lr_factor, set_lr
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss became NaN/inf; the step was not applied."""
+    """The loss or its gradient norm became NaN/inf; the step was not applied."""
 
 
 @dataclass
@@ -138,6 +139,11 @@ def train_steps(
             raise NonFiniteLoss(f"loss is {total} at step {step}: stopping before the optimizer step; "
                                 "the last good checkpoint is kept (lower train.lr or check the data)")
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if not math.isfinite(float(gnorm)):  # a finite loss can still overflow its gradient (e.g. train.lr=1e6)
+            opt.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(f"gradient norm is {float(gnorm)} at step {step} (loss {total:.4g}): stopping before "
+                                "the optimizer step; the last good checkpoint is kept (lower train.lr or check the "
+                                "data)")
         opt.step()
         opt.zero_grad(set_to_none=True)
         n_tokens = rows[:, 1:].numel() * (dist.get_world_size() if dist.is_initialized() else 1)

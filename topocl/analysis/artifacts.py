@@ -7,11 +7,12 @@ No torch here (reports read these).
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 from pathlib import Path
+
+from topocl import jsonl
+from topocl.jsonl import append_jsonl, write_jsonl  # noqa: F401  (the artifact writers, re-exported)
 
 STREAM_DIR = re.compile(r"^seed(-?\d+)-order(\d+)$")
 STAGES = ("graft", "routing", "sparsity")
@@ -27,40 +28,10 @@ def stream_dirs(run_dir: str | Path) -> list[tuple[int, int, Path]]:
     return sorted(out)
 
 
-def _clean(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Replace `path` with `rows` atomically (NaN/inf written as null)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps({k: _clean(v) for k, v in r.items()}) + "\n" for r in rows))
-    os.replace(tmp, path)
-
-
-def append_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "a") as f:
-        f.writelines(json.dumps({k: _clean(v) for k, v in r.items()}) + "\n" for r in rows)
-
-
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a JSONL file (null values become NaN); errors name the file and line."""
-    path = Path(path)
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{n}: expected a JSON object")
-        rows.append({k: (math.nan if v is None else v) for k, v in obj.items()})
-    return rows
+    """Rows of an artifact JSONL file (null values become NaN); errors name the file and line, a torn last line
+    (a kill during an append) is dropped with a warning (topocl.jsonl)."""
+    return [{k: (math.nan if v is None else v) for k, v in r.items()} for r in jsonl.read_jsonl(path)]
 
 
 def run_artifacts(run_dir: str | Path) -> dict[str, list[dict]]:

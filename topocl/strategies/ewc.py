@@ -143,9 +143,10 @@ class EWC(Strategy):
         if self.cfg.normalise:
             f = normalise_per_role(f, model.param_roles())
         old = self.fisher  # parameters no longer trainable keep their decayed F and their old anchor
-        self.fisher = {**{n: self.cfg.gamma * v for n, v in old.items()},
-                       **{n: self.cfg.gamma * old[n] + f[n] if n in old else f[n] for n in f}}
-        self.anchor = {**self.anchor, **{n: p.detach().clone() for n, p in params.items()}}
+        fisher = {**{n: self.cfg.gamma * v for n, v in old.items()},
+                  **{n: self.cfg.gamma * old[n] + f[n] if n in old else f[n] for n in f}}
+        self.fisher = _sorted(fisher)
+        self.anchor = _sorted({**self.anchor, **{n: p.detach().clone() for n, p in params.items()}})
 
     def stats(self) -> dict[str, float]:
         return dict(self._stats)
@@ -156,5 +157,11 @@ class EWC(Strategy):
 
     def load_state_dict(self, state: dict) -> None:
         dev = self.ctx.device
-        self.fisher = {k[len("fisher."):]: v.to(dev) for k, v in state.items() if k.startswith("fisher.")}
-        self.anchor = {k[len("anchor."):]: v.to(dev) for k, v in state.items() if k.startswith("anchor.")}
+        self.fisher = _sorted({k[len("fisher."):]: v.to(dev) for k, v in state.items() if k.startswith("fisher.")})
+        self.anchor = _sorted({k[len("anchor."):]: v.to(dev) for k, v in state.items() if k.startswith("anchor.")})
+
+
+def _sorted(d: dict[str, Tensor]) -> dict[str, Tensor]:
+    """One canonical order (by name) for F̃ and θ*: the penalty sums its terms in this order, so a resumed run
+    (whose tensors come back from the checkpoint sorted by name) logs bitwise what an uninterrupted one logs."""
+    return {k: d[k] for k in sorted(d)}

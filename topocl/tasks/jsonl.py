@@ -12,10 +12,10 @@ Errors name the file, the line and the field.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from topocl.jsonl import iter_jsonl
 from topocl.registry import STREAMS
 from topocl.tasks.base import PROBE_KINDS, Probe, Task
 
@@ -62,13 +62,8 @@ def parse_probe(obj: object, where: str, task_index: int, n: int) -> Probe:
 
 
 def _lines(path: Path):
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise StreamError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+    """(line number, object) of a stream file; bad JSON or UTF-8 -> StreamError naming file:line."""
+    return iter_jsonl(path, torn=False, error=StreamError, objects=False)
 
 
 def read_tasks_file(path: Path) -> list[Task]:
