@@ -232,3 +232,72 @@ def test_nonsensical_values_are_config_errors_naming_the_key(override, key, caps
         load_config(PretrainConfig, PRESET, [override])
     assert main(["pretrain", PRESET, override]) == 1
     assert f"error: {key}=" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- continual: NaN, EWC resume, torn rows
+
+CL_TINY = ["model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.n_kv_head=1", "model.max_seq_len=64",
+           "data.synthetic_docs=400", "data.vocab_size=400", "data.seq_len=64", "train.batch_size=8",
+           "train.steps=30", "train.eval_every=1000", "samples=0", "probe=false"]
+STREAM = ["stream_options.n_worlds=3", "stream_options.texts_per_task=8", "stream_options.global_overwrites=1",
+          "train.steps=3", "train.batch_size=4", "base_rows=8"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pre") / "run"
+    assert main(["pretrain", PRESET, *CL_TINY, f"out_dir={out}"]) == 0
+    return out
+
+
+def continual(pretrained: Path, out: Path, *extra: str, config: str = "tiny-dense-vanilla.yaml") -> int:
+    return main(["continual", str(ROOT / "configs/continual" / config), f"init={pretrained}", f"out_dir={out}",
+                 *STREAM, *extra])
+
+
+def test_continual_non_finite_stop_is_one_clear_line(pretrained, tmp_path, capsys, monkeypatch):
+    from topocl import model as model_mod
+
+    real, calls = model_mod.GPT.forward, [0]
+
+    def poisoned(self, idx, targets=None):
+        out = real(self, idx, targets)
+        if targets is not None and self.training:
+            calls[0] += 1
+            if calls[0] == 5:  # task 1, its second step
+                out.loss = out.loss * torch.tensor(float("nan"))
+        return out
+
+    monkeypatch.setattr(model_mod.GPT, "forward", poisoned)
+    assert continual(pretrained, tmp_path / "c", "train.log_every=1") == 1
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.split("\n") if "stopped" in ln]
+    assert len(lines) == 1 and lines[0].startswith("topocl continual: stopped: loss is nan at step 1")
+    assert "Traceback" not in err
+    strict_rows(tmp_path / "c" / "seed0-order0" / "metrics.jsonl")
+    strict_rows(tmp_path / "c" / "results.jsonl")
+
+
+def test_ewc_resume_logs_bitwise_the_uninterrupted_run_and_torn_results_are_dropped(pretrained, tmp_path):
+    extra = ["train.log_every=1", "analysis.keep_task_checkpoints=true"]
+    a = tmp_path / "a"
+    assert continual(pretrained, a, *extra, config="tiny-dense-ewc.yaml") == 0
+    straight = {f: (a / f).read_text() for f in ("results.jsonl", "seed0-order0/metrics.jsonl")}
+    assert '"ewc_penalty"' in straight["seed0-order0/metrics.jsonl"]
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    # a kill in task 2 (after the checkpoint of task 1), in the middle of appending an evaluation row
+    ck = b / "seed0-order0" / "checkpoints"
+    shutil.rmtree(ck / "step_00000003")
+    (ck / "LATEST").write_text("step_00000002")
+    rows = straight["results.jsonl"].splitlines()
+    cut = next(i for i, r in enumerate(rows) if json.loads(r)["after_task"] == 2)
+    (b / "results.jsonl").write_text("\n".join(rows[:cut]) + "\n" + rows[cut][:25])
+    with pytest.warns(TornLineWarning, match=rf"results.jsonl:{cut + 1}: dropped a torn last line"):
+        assert continual(pretrained, b, *extra, "resume=true", config="tiny-dense-ewc.yaml") == 0
+    for f, text in straight.items():  # the EWC penalty (F̃ restored in the same order) to the last bit
+        got, want = (b / f).read_text().splitlines(), text.splitlines()
+        if f.endswith("metrics.jsonl"):
+            got, want = ([{k: v for k, v in json.loads(r).items() if k != "tokens_per_s"} for r in x]
+                         for x in (got, want))
+        assert got == want, f
