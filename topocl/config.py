@@ -375,13 +375,16 @@ def apply_overrides(cfg: Any, overrides: list[str], source: str = "command line"
     return cfg
 
 
-def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
-    """Defaults of `cls`, then the YAML file (and its includes), then the overrides."""
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None,
+                ignore: tuple[str, ...] = ()) -> Any:
+    """Defaults of `cls`, then the YAML file (and its includes), then the overrides. `ignore`: top-level YAML
+    keys that belong to another reader of the same file (skipped, not checked)."""
     cfg = cls()
     if path is not None:
         for data, source in _read_yaml(Path(path)):
             for k, v in data.items():
-                _set(cfg, [str(k)], v, source)
+                if str(k) not in ignore:
+                    _set(cfg, [str(k)], v, source)
     return validate(apply_overrides(cfg, overrides or []))
 
 

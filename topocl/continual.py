@@ -179,9 +179,9 @@ class StreamRun:
 
         cfg = self.cfg
         if cfg.surgery:  # a pretrained HF model: base ability = common-sense probes + held-out eval_text bits/byte
-            from topocl.surgery.cli import SurgeryRunConfig, build_arm, heldout_rows
+            from topocl.surgery.arms import build_arm, heldout_rows, load_model_config
 
-            scfg = load_config(SurgeryRunConfig, cfg.surgery)
+            scfg = load_model_config(cfg.surgery)
             model, tok, _ = build_arm(scfg, cfg.surgery_arm, self.device)
             if not cfg.eval_base:
                 return model, tok, scfg.eval_seq_len, [], None

@@ -89,8 +89,8 @@ def analyse(runs: list[Path], out: Path) -> Path:
     """The analysis stages of ANALYSED on their arms (reused when their artifacts exist), then the analysis
     report over every arm against the dense-vanilla baseline."""
     from topocl.analysis.artifacts import stream_dirs
-    from topocl.analysis.cli import analyze_run
     from topocl.analysis.render import write_analysis
+    from topocl.analysis.stages import analyze_run
     from topocl.results import load_rows
 
     for run in runs:

@@ -187,6 +187,23 @@ def write_report(run_dirs: list[Path], out: Path, baseline: str | None = None, j
     return out / "report.md"
 
 
+def write_sweep_report(root: Path, out: Path, baseline: str | None = None, joint: str | None = None) -> Path:
+    """report.md (+ summary.json and PNGs when the sweep has continual results) for sweep directory `root`."""
+    from topocl.sweep_report import sweep_parts
+
+    name, cont, extra = sweep_parts(root)
+    out.mkdir(parents=True, exist_ok=True)
+    if cont:
+        path = write_report(cont, out, baseline, joint)
+        text = path.read_text().rstrip("\n")
+        head, sep, figs = text.partition("\n## Figures")
+        path.write_text(head.rstrip("\n") + "\n\n" + "\n".join(extra) + "\n" + (sep + figs if sep else "") + "\n")
+        return path
+    path = out / "report.md"
+    path.write_text("\n".join([f"# TopoCL sweep report: {name}", "", *extra]) + "\n")
+    return path
+
+
 def cli(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="topocl report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -196,7 +213,7 @@ def cli(argv: list[str]) -> int:
     ap.add_argument("--baseline", help="run name of the dense baseline, for the crossover task")
     ap.add_argument("--joint", help="run name of the joint reference (default: from config.yaml reference: joint)")
     args = ap.parse_args(argv)
-    from topocl.sweep_report import is_sweep, write_sweep_report
+    from topocl.sweep_report import is_sweep
 
     if len(args.runs) == 1 and is_sweep(args.runs[0]):  # a sweep directory: the comparison over its runs
         path = write_sweep_report(args.runs[0], args.out or args.runs[0] / "report", args.baseline, args.joint)

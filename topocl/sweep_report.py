@@ -12,6 +12,7 @@ import json
 import statistics
 from pathlib import Path
 
+from topocl.jsonl import read_jsonl
 from topocl.metrics import bootstrap_ci
 from topocl.sweep import MANIFEST, load_manifest
 
@@ -28,7 +29,7 @@ def pretrain_row(run: dict) -> dict:
     out = Path(run["out_dir"])
     summary, meta = _json(out / "summary.json"), _json(out / "meta.json")
     metrics = out / "metrics.jsonl"
-    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.is_file() else []
+    rows = read_jsonl(metrics) if metrics.is_file() else []
     tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
     return {"name": run["name"], "arm": run["arm"], "size": run["size"], "seed": run["seed"],
             "status": run.get("status", "?"), "params": meta.get("params_total"),
@@ -84,21 +85,10 @@ def status_section(man: dict) -> list[str]:
     return md
 
 
-def write_sweep_report(root: Path, out: Path, baseline: str | None = None, joint: str | None = None) -> Path:
-    """report.md (+ summary.json and PNGs when the sweep has continual results) for sweep directory `root`."""
-    from topocl.report import write_report
-
+def sweep_parts(root: Path) -> tuple[str, list[Path], list[str]]:
+    """(sweep name, its continual run directories that have results, the sweep's own report sections). The
+    run report around them is topocl.report's (write_sweep_report): this module does not import it."""
     man = load_manifest(root)
     cont = [Path(r["out_dir"]) for r in man["runs"]
             if r["kind"] == "continual" and (Path(r["out_dir"]) / "results.jsonl").is_file()]
-    out.mkdir(parents=True, exist_ok=True)
-    extra = pretrain_section(man["runs"]) + [""] + status_section(man)
-    if cont:
-        path = write_report(cont, out, baseline, joint)
-        text = path.read_text().rstrip("\n")
-        head, sep, figs = text.partition("\n## Figures")
-        path.write_text(head.rstrip("\n") + "\n\n" + "\n".join(extra) + "\n" + (sep + figs if sep else "") + "\n")
-        return path
-    path = out / "report.md"
-    path.write_text("\n".join([f"# TopoCL sweep report: {man['name']}", "", *extra]) + "\n")
-    return path
+    return man["name"], cont, pretrain_section(man["runs"]) + [""] + status_section(man)

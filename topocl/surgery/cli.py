@@ -18,7 +18,7 @@ and parameters per role (surgery overrides such as layers=[0,1] kv_groups=[0] ap
 The continual runner takes such a model with `surgery=PATH surgery_arm=ARM` (instead of init=). What it uses
 has the GPT interface the runner already knows:
 
-    scfg = load_config(SurgeryRunConfig, path, overrides)
+    scfg = load_model_config(path)                       # topocl.surgery.arms: the YAML without `continual:`
     model, tok, report = build_arm(scfg, arm, device)   # arm: surgery | full | lora
     base_val = heldout_rows(scfg, tok)                   # [N, T+1] rows for bits/byte (Evaluator's base_val)
     train.roles = {**model.role_policy(), **cfg.train.roles}   # frozen roles lr_scale 0 (like lora_policy)
@@ -43,76 +43,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from topocl.config import ConfigError, TrainConfig, apply_overrides, load_config, save_config
+from topocl.config import ConfigError, apply_overrides, load_config, save_config
 from topocl.continual import ContinualConfig
-from topocl.data import BatchSampler, load_corpus, pack_documents
+from topocl.data import BatchSampler
 from topocl.optim import build_optimizer, optimizer_state_bytes
-from topocl.surgery.head_split import HeadSplitConfig, SurgeryReport, apply_head_split, save
-from topocl.surgery.hf import CausalLM, HFTokenizer, add_lora, load_hf, param_roles, params_by_role
+from topocl.surgery.arms import ARMS, SurgeryModelConfig, build_arm, heldout_rows, prepare_arm  # noqa: F401
+from topocl.surgery.head_split import HeadSplitConfig, apply_head_split, save
+from topocl.surgery.hf import CausalLM, HFTokenizer, load_hf, param_roles, params_by_role
 from topocl.train import evaluate_loss, resolve_device, train_steps
-
-ARMS = ("surgery", "full", "lora")
 
 
 @dataclass
-class SurgeryRunConfig:
-    out_dir: str = "runs/surgery"
-    model: str = ""  # local HF model directory, or package:NAME (a GGUF shipped in an installed package)
-    gguf_file: str = ""  # GGUF file inside the directory ("" = config.json, or the only .gguf there)
-    dtype: str = "float32"  # weights: float32 | bfloat16 (GGUF is dequantised to this)
-    attn_implementation: str = "sdpa"  # eager | sdpa (group A uses it; group B is always masked softmax)
-    device: str = "auto"
-    seed: int = 0
-    surgery: HeadSplitConfig = field(default_factory=HeadSplitConfig)
-    lora_roles: list[str] = field(default_factory=lambda: ["attn.q", "attn.k", "attn.v", "attn.o", "mlp"])  # lora arm
-    eval_text: str = ""  # held-out text file/dir for perplexity ("" = none)
-    eval_docs: int = 64  # documents of eval_text used
-    eval_seq_len: int = 256
-    eval_batch_size: int = 8
-    train_text: str = ""  # text for the short sanity fine-tune ("" = none)
-    train_docs: int = 512
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=0, batch_size=8, lr=1e-4, warmup_steps=2,
-                                                                   weight_decay=0.0, log_every=5))
-    save: bool = True  # write out_dir/model (merged HF checkpoint + tokenizer)
-    arms: list[str] = field(default_factory=list)  # continual stream on each arm: surgery | full | lora ([] = none)
+class SurgeryRunConfig(SurgeryModelConfig):
     continual: ContinualConfig = field(default_factory=ContinualConfig)  # the stream every arm runs
-    arm_overrides: dict[str, list[str]] = field(default_factory=dict)  # per arm, e.g. {lora: ["train.lr=1e-3"]}
-
-
-def build_arm(cfg: SurgeryRunConfig, arm: str, device: torch.device | str = "cpu"
-              ) -> tuple[CausalLM, HFTokenizer, SurgeryReport | None]:
-    """The pretrained model of cfg.model prepared for one arm (see prepare_arm), and its tokenizer."""
-    if arm not in ARMS:
-        raise ValueError(f"arm={arm!r}: use one of {', '.join(ARMS)}")
-    hf, tok = load_hf(cfg.model, cfg.gguf_file, cfg.dtype, cfg.attn_implementation, device)
-    model, report = prepare_arm(hf, cfg, arm)
-    return model, HFTokenizer(tok), report
-
-
-def prepare_arm(hf: nn.Module, cfg: SurgeryRunConfig, arm: str) -> tuple[CausalLM, SurgeryReport | None]:
-    """surgery: head split per cfg.surgery (group B or its LoRA adapters train); full: every parameter trains;
-    lora: PEFT adapters on cfg.lora_roles (r/alpha/dropout from cfg.surgery.lora_*), the rest frozen."""
-    if arm not in ARMS:
-        raise ValueError(f"arm={arm!r}: use one of {', '.join(ARMS)}")
-    report = None
-    if arm == "surgery":
-        report = apply_head_split(hf, cfg.surgery)
-    elif arm == "full":
-        for p in hf.parameters():
-            p.requires_grad_(True)
-    else:
-        s = cfg.surgery
-        add_lora(hf, cfg.lora_roles, s.lora_r, s.lora_alpha, s.lora_dropout)
-    return CausalLM(hf), report
-
-
-def heldout_rows(cfg: SurgeryRunConfig, tok: HFTokenizer, text: str | None = None, docs: int | None = None) -> Tensor:
-    """[N, T+1] token rows of the first `docs` documents of `text` (default: eval_text / eval_docs)."""
-    path = text if text is not None else cfg.eval_text
-    texts = load_corpus(path, max_docs=docs if docs is not None else cfg.eval_docs)
-    return pack_documents(tok.encode_batch(texts), cfg.eval_seq_len, tok.bos_id)
 
 
 def perplexity(model: CausalLM, rows: Tensor, tok: HFTokenizer, cfg: SurgeryRunConfig, device: torch.device) -> dict:
