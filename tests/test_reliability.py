@@ -85,8 +85,9 @@ def test_kill_after_last_checkpoint_finishes_the_summary_and_a_finished_run_stay
 
 
 def test_resume_drops_a_torn_metrics_line_and_skips_a_damaged_checkpoint(tmp_path):
-    a = tmp_path / "a"
-    assert pretrain(a, "train.steps=10", "train.ckpt_every=4", "train.keep_checkpoints=3", "probe=false", "samples=0") == 0
+    a, run = tmp_path / "a", ["train.steps=10", "train.ckpt_every=4", "train.keep_checkpoints=3", "probe=false",
+                              "samples=0"]
+    assert pretrain(a, *run) == 0
     rows = (a / "metrics.jsonl").read_text().splitlines()
     b = tmp_path / "b"
     shutil.copytree(a, b)
@@ -99,7 +100,7 @@ def test_resume_drops_a_torn_metrics_line_and_skips_a_damaged_checkpoint(tmp_pat
     data[len(data) // 2: len(data) // 2 + 4096] = bytes(4096)
     weights.write_bytes(bytes(data))
     with pytest.warns(UserWarning) as caught:
-        assert pretrain(b, "train.steps=10", "train.ckpt_every=4", "train.keep_checkpoints=3", "probe=false", "samples=0", "resume=true") == 0
+        assert pretrain(b, *run, "resume=true") == 0
     said = {type(w.message): str(w.message) for w in caught}
     assert "step_00000004 because" in said[CheckpointWarning]
     assert "step_00000008/model.safetensors: SHA-256 differs" in said[CheckpointWarning]
@@ -177,6 +178,26 @@ def test_huge_lr_stops_on_the_gradient_norm_and_keeps_latest_on_a_finite_checkpo
     for ck in (out / "checkpoints").glob("step_*"):
         assert all(torch.isfinite(v).all() for v in read_weights(ck / "model.safetensors").values()), ck
     strict_rows(out / "metrics.jsonl")
+
+
+def test_weights_gone_non_finite_are_not_checkpointed(tmp_path, monkeypatch, capsys):
+    import topocl.pretrain as P
+
+    real = P.train_steps
+
+    def blow_up(model, *a, **k):  # e.g. weight decay times a huge lr: finite gradients, infinite weights
+        for r in real(model, *a, **k):
+            if r.step == 3:
+                with torch.no_grad():
+                    next(model.parameters()).fill_(float("inf"))
+            yield r
+
+    monkeypatch.setattr(P, "train_steps", blow_up)
+    out = tmp_path / "r"
+    assert pretrain(out, "train.steps=6", "train.ckpt_every=2", "probe=false", "samples=0") == 1
+    assert "topocl pretrain: stopped: the weights hold NaN/inf after step 3" in capsys.readouterr().err
+    assert (out / "checkpoints" / "LATEST").read_text() == "step_00000002"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["LATEST", "step_00000002"]
 
 
 def test_gradient_overflow_with_finite_loss_is_not_applied(tiny_cfg):

@@ -219,6 +219,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
                         bar.write(f"step {done}: val loss {last['val_loss']:.4f}  "
                                   f"bits/byte {last.get('val_bpb', 0):.4f}")
             if done % tr.ckpt_every == 0 or done == tr.steps:
+                if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # every rank stops together
+                    raise NonFiniteCheckpoint(f"the weights hold NaN/inf after step {r.step}: checkpoint {done} was "
+                                              "not written, LATEST keeps the last good one (lower train.lr)")
                 if is_main():
                     save_checkpoint(ckpt_dir, done, model, opt, {"next_step": done, "tokens": tokens_seen},
                                     keep=tr.keep_checkpoints)

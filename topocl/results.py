@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 
 from topocl import metrics as M
-from topocl.jsonl import iter_jsonl
+from topocl.jsonl import clean, iter_jsonl
 
 KEYS = {"run": str, "seed": int, "order": int, "after_task": int, "step": int, "eval_task": int, "kind": str,
         "metric": str, "value": float}
@@ -299,13 +299,7 @@ def reference_runs(run_dirs: list[dict]) -> dict[str, str]:
 
 def json_safe(x):
     """NaN/inf -> None, recursively, so the output is strict JSON."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: json_safe(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [json_safe(v) for v in x]
-    return x
+    return clean(x)
 
 
 def cli(argv: list[str]) -> int:

@@ -52,7 +52,7 @@ from topocl.optim import build_optimizer, optimizer_state_bytes
 from topocl.surgery.arms import ARMS, SurgeryModelConfig, build_arm, heldout_rows, prepare_arm  # noqa: F401
 from topocl.surgery.head_split import HeadSplitConfig, apply_head_split, save
 from topocl.surgery.hf import CausalLM, HFTokenizer, load_hf, param_roles, params_by_role
-from topocl.train import evaluate_loss, resolve_device, train_steps
+from topocl.train import NonFiniteLoss, evaluate_loss, resolve_device, train_steps
 
 
 @dataclass
@@ -189,6 +189,10 @@ def cli(argv: list[str]) -> int:
     ap.add_argument("config", help="configs/surgery/*.yaml, or `inspect MODEL`")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
-    out = run_surgery(load_config(SurgeryRunConfig, args.config, args.overrides))
+    try:
+        out = run_surgery(load_config(SurgeryRunConfig, args.config, args.overrides))
+    except NonFiniteLoss as e:
+        print(f"topocl surgery: stopped: {e}", file=sys.stderr)
+        return 1
     print(f"run directory: {out}  (summary: {out / 'surgery.json'})")
     return 0
