@@ -137,6 +137,55 @@ def test_malformed_requests_get_4xx_never_500(tmp_path):
     assert all(r.status_code < 500 for r, _ in cases.values())
 
 
+def test_huge_turn_index_and_control_characters_are_4xx(tmp_path):
+    c, csrf = make(tmp_path)
+    sid = start(c, csrf)
+    assert turn(c, csrf, sid).status_code == 303
+    for idx in ("99999999999999999999", str(2**63), str(2**31)):
+        r = c.post(f"/s/{sid}/turns/{idx}/vote", data={"csrf": csrf, "outcome": "a"})
+        assert r.status_code == 404, (idx, r.status_code)
+    assert vote(c, csrf, sid, 0, "a").status_code == 303
+    for text in ("Hello\x00world", "bell\x07", "esc \x1b[31m red", "c1 \x85 next line"):
+        r = turn(c, csrf, sid, text)
+        assert r.status_code == 422 and "control character" in r.text, (text, r.status_code)
+    r = turn(c, csrf, sid, "Hello\x00world")
+    assert "U+0000 at character 6" in r.text
+    assert turn(c, csrf, sid, "Tabs\tand\r\nnewlines are fine.").status_code == 303
+    for field in ("title", "premise", "facts"):
+        data = {"title": "T", "premise": "A harbour.", "facts": "", field: "evil\x00"}
+        r = c.post("/sessions", data={"csrf": csrf, "world": "custom", **data})
+        assert r.status_code == 422 and f"the {field} contains a control character" in r.text
+
+
+def test_a_typed_premise_needs_my_own_premise(tmp_path):
+    c, csrf = make(tmp_path)
+    r = c.post("/sessions", data={"csrf": csrf, "world": "campaign:0", "premise": "A rainy harbour town."})
+    assert r.status_code == 422 and "My own premise" in r.text  # was silently dropped
+    assert start(c, csrf, "campaign:0", title="  ", premise="", facts="")  # blank fields are not a premise
+
+
+def test_favicon_plurals_and_single_session_interval(tmp_path):
+    c, csrf = make(tmp_path, bootstrap_rounds=20)
+    r = c.get("/favicon.ico")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("image/svg+xml")
+    assert 'rel="icon"' in c.get("/").text
+    sid = start(c, csrf)
+    turn(c, csrf, sid)
+    vote(c, csrf, sid, 0, "a")
+    c.post(f"/s/{sid}/finish", data={"csrf": csrf})
+    page = c.get("/leaderboard").text
+    assert "1 vote in 1 session." in page and "0 votes of sessions" in page
+    assert page.count("needs ≥ 2 sessions") == 2 and " … " not in page
+    rows = c.get("/api/ratings").json()["rows"]
+    assert all(r["sessions"] == 1 and r["ci_low"] is None for r in rows)
+    sid = start(c, csrf)
+    turn(c, csrf, sid)
+    vote(c, csrf, sid, 0, "b")
+    c.post(f"/s/{sid}/finish", data={"csrf": csrf})
+    page = c.get("/leaderboard").text
+    assert "2 votes in 2 sessions." in page and "needs ≥ 2 sessions" not in page and page.count(" … ") == 2
+
+
 def test_rate_limit_per_client(tmp_path):
     c, csrf = make(tmp_path, posts_per_minute=3)
     codes = [c.post("/sessions", data={"csrf": csrf, "world": "campaign:0"}, follow_redirects=False).status_code
@@ -228,6 +277,9 @@ def test_the_same_flow_on_postgresql():
     assert turn(c, csrf, sid).status_code == 303
     assert vote(c, csrf, sid, 0, "tie").status_code == 303 and vote(c, csrf, sid, 0, "tie").status_code == 303
     assert vote(c, csrf, sid, 0, "a").status_code == 409
+    assert c.post(f"/s/{sid}/turns/{2**63}/vote", data={"csrf": csrf, "outcome": "a"}).status_code == 404
+    r = turn(c, csrf, sid, "NUL\x00byte")  # PostgreSQL cannot store it: refused before it gets there
+    assert r.status_code == 422 and "control character" in r.text
     c.app.state.engine.dispose()
     c2 = TestClient(create_app(ArenaSettings(db_url=url)), cookies=c.cookies)  # migrations are not re-applied
     assert schema_version(c2.app.state.engine) == 1 and c2.get(f"/s/{sid}").status_code == 200

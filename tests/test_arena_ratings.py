@@ -45,11 +45,12 @@ def test_online_elo_by_hand():
 
 
 def test_bootstrap_resamples_sessions_not_votes():
-    # one session only: every resample is that session, so the interval collapses to the point estimate
+    # one session only: every resample is that session; instead of a zero-width interval there is none
     vs = votes("only", "A", "B", ["a", "a", "b", "tie"])
     ci = bootstrap_bt(vs, rounds=20, reg=0.0)
-    point = bt_fit(vs)
-    assert ci["A"] == pytest.approx((point["A"], point["A"]))
+    assert all(math.isnan(x) for m in "AB" for x in ci[m])
+    two = vs + votes("second", "A", "B", ["a"])
+    assert all(not math.isnan(x) for x in bootstrap_bt(two, rounds=20)["A"])
     # many sessions: the interval covers the estimate and has width
     many = [v for s in range(12) for v in votes(f"s{s}", "A", "B", ["a", "b", "a"] if s % 3 else ["b", "b"])]
     ci = bootstrap_bt(many, rounds=100)
@@ -66,6 +67,8 @@ def test_leaderboard_tallies_and_ci_rank():
     assert (by["strong"].wins, by["strong"].ties, by["strong"].losses, by["strong"].votes) == (30, 10, 0, 40)
     assert (by["weak"].both_bad, by["weak"].ties, by["weak"].losses) == (1, 11, 30)
     assert by["weak"].rank >= 2 and by["strong"].ci_low > by["weak"].ci_high
+    assert (by["strong"].sessions, by["weak"].sessions, by["mid"].sessions) == (10, 11, 1)
+    assert math.isnan(by["mid"].ci_low) and math.isnan(by["mid"].ci_high)  # one session: no interval
 
 
 def test_proxy_agreement_rate_and_kappa():

@@ -45,8 +45,8 @@ class ArenaSettings:
     db_url: str = "sqlite:///runs/arena/arena.db"
     specs: list[ModelSpec] = field(default_factory=demo_specs)
     admin_token: str = ""  # "" = no admin page
-    posts_per_minute: int = 30  # per client address
-    requests_per_minute: int = 600
+    posts_per_minute: int = 30  # per client address; 0 = no limit
+    requests_per_minute: int = 600  # 0 = no limit
     max_body: int = 32_768  # bytes
     limits: Limits = field(default_factory=Limits)
     bootstrap_rounds: int = 200
@@ -61,6 +61,10 @@ class RateLimiter:
         self.lock = threading.Lock()
 
     def allow(self, key: str, per_minute: int, now: float | None = None) -> bool:
+        """True if `key` made fewer than `per_minute` requests in the last minute (recording this one);
+        per_minute <= 0 means no limit."""
+        if per_minute <= 0:
+            return True
         now = time.monotonic() if now is None else now
         with self.lock:
             q = self.hits.setdefault(key, deque())
@@ -80,6 +84,7 @@ def create_app(settings: ArenaSettings, pool: ModelPool | None = None) -> FastAP
     pool = pool or ModelPool(settings.specs)
     service.drop_stale_claims(factory)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.filters["plural"] = plural
     app = FastAPI(title="TopoCL arena", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.factory, app.state.pool, app.state.settings = engine, factory, pool, settings
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
@@ -148,6 +153,11 @@ def create_app(settings: ArenaSettings, pool: ModelPool | None = None) -> FastAP
                     title: str = Form("", max_length=200), premise: str = Form("", max_length=20_000),
                     facts: str = Form("", max_length=8000)) -> RedirectResponse:
         check_csrf(request, csrf)
+        for what, text in (("the title", title), ("the premise", premise), ("the facts", facts)):
+            service.check_text(text, what)
+        if world != "custom" and (title.strip() or premise.strip() or facts.strip()):
+            raise ArenaError(422, "you wrote your own premise but chose a campaign world: pick \"My own premise\" "
+                                  "to play it, or clear the premise fields")
         if world == "custom":
             if not premise.strip():
                 raise ArenaError(422, "write a premise for your own world")
@@ -266,11 +276,21 @@ def create_app(settings: ArenaSettings, pool: ModelPool | None = None) -> FastAP
         with factory() as db:
             return Response(votes_csv(service.all_votes(db)), media_type="text/csv")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> RedirectResponse:  # browsers and crawlers ask for it whatever the <link rel=icon> says
+        return RedirectResponse("/static/favicon.svg", status_code=308)
+
     @app.get("/healthz")
     def healthz() -> dict:
-        return {"ok": True, "models": len(pool.names)}
+        return {"ok": True, "models": len(pool.names), "posts_per_minute": settings.posts_per_minute,
+                "requests_per_minute": settings.requests_per_minute}
 
     return app
+
+
+def plural(n: int, word: str) -> str:
+    """'1 session', '2 sessions', '0 sessions'."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 VOTE_FIELDS = ("id", "session_id", "turn_idx", "outcome", "model_a", "model_b", "proxy_a", "proxy_b", "created_at")

@@ -2,7 +2,7 @@
 
     topocl arena serve   [--db URL] [--models CONFIG] [--run-dir DIR] [--host H] [--port P] [--admin-token T]
     topocl arena ratings [--db URL] [--run-dir DIR] [--format json|csv] [--rounds N] [--out FILE]
-    topocl arena loadtest URL [--players N] [--turns T]
+    topocl arena loadtest URL [--players N] [--turns T] [--one-address]
 
 Without --db the database is SQLite at RUN_DIR/arena.db (default run directory runs/arena). Without
 --models the arena serves two scripted demo models. `ratings --format json` prints the leaderboard, the
@@ -103,7 +103,15 @@ def _ratings(args: argparse.Namespace) -> int:
 def _loadtest(args: argparse.Namespace) -> int:
     from topocl.arena.loadtest import run_load
 
-    print(json.dumps(run_load(args.url, players=args.players, turns=args.turns), indent=2))
+    report = run_load(args.url, players=args.players, turns=args.turns, one_address=args.one_address)
+    print(json.dumps(report, indent=2))
+    if report["requests_refused"]:
+        print(f"loadtest: the server's rate limit ({report['server_posts_per_minute']} POSTs/min per address) refused "
+              f"{report['requests_refused']} requests, {report['votes_refused']} votes were never cast (refused, not "
+              "lost); serve with --posts-per-minute 0 to take the limit off", file=sys.stderr)
+    if report["votes_lost"] or report["errors"]:
+        print(f"loadtest: {report['votes_lost']} acknowledged votes lost, {report['errors']} errors", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -120,8 +128,10 @@ def cli(argv: list[str]) -> int:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--admin-token", default="", help="enables /admin (or set ARENA_ADMIN_TOKEN)")
     s.add_argument("--secure-cookies", action="store_true", help="mark cookies Secure (serving over HTTPS)")
-    s.add_argument("--posts-per-minute", type=int, default=30, help="rate limit on form posts per client address")
-    s.add_argument("--requests-per-minute", type=int, default=600, help="rate limit on all requests per client")
+    s.add_argument("--posts-per-minute", type=int, default=30,
+                   help="rate limit on form posts per client address (0 = none)")
+    s.add_argument("--requests-per-minute", type=int, default=600,
+                   help="rate limit on all requests per client address (0 = none)")
     r.add_argument("--format", choices=("json", "csv"), default="json")
     r.add_argument("--rounds", type=int, default=200, help="bootstrap rounds (sessions resampled)")
     r.add_argument("--out", default="", help="write here instead of stdout")
@@ -129,5 +139,7 @@ def cli(argv: list[str]) -> int:
     lt.add_argument("url")
     lt.add_argument("--players", type=int, default=8)
     lt.add_argument("--turns", type=int, default=3)
+    lt.add_argument("--one-address", action="store_true",
+                    help="all players from one address (default: one loopback address each, like real players)")
     args = p.parse_args(argv)
     return {"serve": _serve, "ratings": _ratings, "loadtest": _loadtest}[args.cmd](args)

@@ -24,6 +24,7 @@ import numpy as np
 
 OUTCOMES = ("a", "b", "tie", "both_bad")
 SCALE = 400.0 / math.log(10.0)  # natural-log strength -> Elo points
+MIN_SESSIONS = 2  # a session-bootstrap interval needs at least two sessions
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,9 @@ def bootstrap_bt(votes: Sequence[Vote], models: Iterable[str] | None = None, *, 
                  reg: float = 1e-2, anchor: str | None = None, level: float = 0.95
                  ) -> dict[str, tuple[float, float]]:
     """Percentile interval per model from `rounds` BT refits, each on sessions drawn with replacement (all
-    votes of a drawn session come along). A model absent from a resample is left out of that round."""
+    votes of a drawn session come along). A model absent from a resample is left out of that round. A model
+    voted on in fewer than MIN_SESSIONS sessions gets (nan, nan): every resample of one session is that
+    session, so its "interval" would be the point estimate, claiming a certainty one story cannot give."""
     names = _models(votes, models)
     idx = {m: i for i, m in enumerate(names)}
     sessions = sorted({v.session for v in votes})
@@ -155,12 +158,22 @@ def bootstrap_bt(votes: Sequence[Vote], models: Iterable[str] | None = None, *, 
         fit = _to_elo(_newton(x, y, w, reg), names, present, anchor)
         draws[r] = [fit[m] for m in names]
     lo_q, hi_q = 50.0 * (1.0 - level), 50.0 * (1.0 + level)
+    seen = session_counts(votes)
     out = {}
     for i, m in enumerate(names):
         col_i = draws[:, i][~np.isnan(draws[:, i])]
-        out[m] = (float(np.percentile(col_i, lo_q)), float(np.percentile(col_i, hi_q))) if len(col_i) else (
-            math.nan, math.nan)
+        out[m] = (float(np.percentile(col_i, lo_q)), float(np.percentile(col_i, hi_q))) if (
+            len(col_i) and seen.get(m, 0) >= MIN_SESSIONS) else (math.nan, math.nan)
     return out
+
+
+def session_counts(votes: Sequence[Vote]) -> dict[str, int]:
+    """Model -> number of distinct sessions with a vote on it."""
+    seen: dict[str, set[str]] = {}
+    for v in votes:
+        for m in (v.model_a, v.model_b):
+            seen.setdefault(m, set()).add(v.session)
+    return {m: len(s) for m, s in seen.items()}
 
 
 def online_elo(votes: Sequence[Vote], models: Iterable[str] | None = None, *, k: float = 4.0,
@@ -188,6 +201,7 @@ class Row:
     ties: int  # tie and both-bad
     losses: int
     both_bad: int
+    sessions: int = 0  # sessions with a vote on this model (an interval needs MIN_SESSIONS)
 
 
 def leaderboard(votes: Sequence[Vote], models: Iterable[str] | None = None, *, rounds: int = 200, seed: int = 0,
@@ -210,10 +224,11 @@ def leaderboard(votes: Sequence[Vote], models: Iterable[str] | None = None, *, r
             else:
                 t[3] += 1
     rows = []
+    seen = session_counts(votes)
     for m in names:
         lo, hi = ci[m]
         above = sum(1 for o in names if o != m and not math.isnan(ci[o][0]) and not math.isnan(hi) and ci[o][0] > hi)
-        rows.append(Row(m, bt[m], lo, hi, elo[m], 1 + above, *tally[m]))
+        rows.append(Row(m, bt[m], lo, hi, elo[m], 1 + above, *tally[m], sessions=seen.get(m, 0)))
     return sorted(rows, key=lambda r: (-r.rating, r.model))
 
 

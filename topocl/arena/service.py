@@ -23,6 +23,8 @@ from topocl.arena.ratings import OUTCOMES, Vote
 from topocl.arena.serving import ModelPool
 
 SESSION_ID_CHARS = frozenset("0123456789abcdef")
+MAX_TURN_IDX = 2**31 - 1  # the column is a 32-bit integer; larger indices cannot exist
+ALLOWED_CONTROLS = frozenset("\t\n\r")
 
 
 class ArenaError(Exception):
@@ -37,6 +39,16 @@ class Limits:
     turn_chars: int = 2000
     premise_chars: int = 8000
     turns_per_session: int = 500
+
+
+def check_text(text: str, what: str) -> str:
+    """`text` unchanged, or a 422 naming the first control character (NUL, escape, ...; tab and newlines
+    are fine): PostgreSQL cannot store NUL at all and no retry would help, so both databases refuse them."""
+    for i, ch in enumerate(text):
+        if (ch < " " or "\x7f" <= ch <= "\x9f") and ch not in ALLOWED_CONTROLS:
+            raise ArenaError(422, f"{what} contains a control character (U+{ord(ch):04X} at character {i + 1}); "
+                                  "remove it and try again")
+    return text
 
 
 def client_hash(client_id: str) -> str:
@@ -77,7 +89,7 @@ def committed_reply(t: Turn) -> str | None:
 def play_turn(factory: sessionmaker, pool: ModelPool, sid: str, text: str, limits: Limits) -> int:
     """Claim the next turn, generate both replies (concurrently), score the proxies, store; returns the
     turn index. The claim is a row with status 'generating', so a second submit races on the unique index."""
-    text = text.strip()
+    text = check_text(text, "your turn").strip()
     if not text:
         raise ArenaError(422, "write something first")
     if len(text) > limits.turn_chars:
@@ -123,6 +135,8 @@ def cast_vote(factory: sessionmaker, sid: str, idx: int, outcome: str, client_id
     The winning reply becomes the story's (a tie commits one of the two by a seeded coin, both-bad neither)."""
     if outcome not in OUTCOMES:
         raise ArenaError(422, f"outcome must be one of {', '.join(OUTCOMES)}")
+    if not 0 <= idx <= MAX_TURN_IDX:
+        raise ArenaError(404, "no such turn to vote on")
     for _ in range(2):  # a lost race on the unique index is re-read once
         with factory() as db:
             s = get_session(db, sid)
