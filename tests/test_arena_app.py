@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from topocl.arena.app import ArenaSettings, create_app  # noqa: E402
 from topocl.arena.cli import cli as arena_cli  # noqa: E402
 from topocl.arena.cli import ratings_export  # noqa: E402
-from topocl.arena.db import Turn, open_db, schema_version  # noqa: E402
+from topocl.arena.db import SCHEMA_VERSION, Turn, open_db, schema_version  # noqa: E402
 from topocl.arena.service import ArenaError  # noqa: E402
 from topocl.arena.serving import ModelSpec, demo_specs  # noqa: E402
 
@@ -224,7 +224,7 @@ def test_sessions_survive_a_restart(tmp_path):
     page = c2.get(f"/s/{sid}").text
     assert "Before the restart." in page and 'data-testid="turn-form"' in page  # the stale claim was freed
     assert turn(c2, csrf, sid, "Again.").status_code == 303 and vote(c2, csrf, sid, 1, "a").status_code == 303
-    assert schema_version(c2.app.state.engine) == 1
+    assert schema_version(c2.app.state.engine) == SCHEMA_VERSION
     assert c2.get("/api/ratings").json()["votes_recorded"] == 2
 
 
@@ -259,7 +259,32 @@ def test_migrations_are_recorded_once(tmp_path):
     engine, _ = open_db(url)
     from topocl.arena.db import migrate
 
-    assert migrate(engine) == [] and schema_version(engine) == 1
+    assert migrate(engine) == [] and schema_version(engine) == SCHEMA_VERSION == 2
+
+
+def test_a_version_1_database_migrates_to_2(tmp_path):
+    """A database made before learners (no reply steps / lengths, no learning table) keeps its votes."""
+    from sqlalchemy import inspect, text
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine, _ = open_db(url)
+    with engine.begin() as conn:  # back to schema 1
+        for table, col in (("arena_turn", "step_a"), ("arena_turn", "step_b"), ("arena_vote", "len_a"),
+                           ("arena_vote", "len_b")):
+            conn.execute(text(f"ALTER TABLE {table} DROP COLUMN {col}"))
+        conn.execute(text("DROP TABLE arena_learn"))
+        conn.execute(text("DELETE FROM arena_schema_version WHERE version = 2"))
+        conn.execute(text("INSERT INTO arena_session (id, world, model_a, model_b, status, seed, client, created_at, "
+                          "updated_at) VALUES ('" + "a" * 32 + "', '{}', 'x', 'y', 'finished', 1, 'c', "
+                          "'2026-01-01', '2026-01-01')"))
+        conn.execute(text("INSERT INTO arena_vote (session_id, turn_idx, outcome, model_a, model_b, client, "
+                          "created_at) VALUES ('" + "a" * 32 + "', 0, 'a', 'x', 'y', 'c', '2026-01-01')"))
+    engine.dispose()
+    engine, _ = open_db(url)
+    assert schema_version(engine) == 2
+    cols = {c["name"] for c in inspect(engine).get_columns("arena_turn")}
+    assert {"step_a", "step_b"} <= cols and "arena_learn" in inspect(engine).get_table_names()
+    assert [v["outcome"] for v in ratings_export(url, rounds=5)["votes"]] == ["a"]
 
 
 def test_arena_error_carries_status():
@@ -282,5 +307,5 @@ def test_the_same_flow_on_postgresql():
     assert r.status_code == 422 and "control character" in r.text
     c.app.state.engine.dispose()
     c2 = TestClient(create_app(ArenaSettings(db_url=url)), cookies=c.cookies)  # migrations are not re-applied
-    assert schema_version(c2.app.state.engine) == 1 and c2.get(f"/s/{sid}").status_code == 200
+    assert schema_version(c2.app.state.engine) == SCHEMA_VERSION and c2.get(f"/s/{sid}").status_code == 200
     assert sid in {v["session_id"] for v in ratings_export(url, rounds=5)["votes"]}

@@ -51,6 +51,15 @@ class ArenaSettings:
     limits: Limits = field(default_factory=Limits)
     bootstrap_rounds: int = 200
     secure_cookies: bool = False  # set the Secure flag (behind HTTPS)
+    state_dir: str = ""  # learners' per-session weights ("" = learner_state/ next to a SQLite file)
+
+
+def learner_state_dir(settings: ArenaSettings) -> Path:
+    if settings.state_dir:
+        return Path(settings.state_dir)
+    if settings.db_url.startswith("sqlite:///") and settings.db_url != "sqlite:///:memory:":
+        return Path(settings.db_url[len("sqlite:///"):]).parent / "learner_state"
+    return Path("runs/arena/learner_state")
 
 
 class RateLimiter:
@@ -83,6 +92,12 @@ def create_app(settings: ArenaSettings, pool: ModelPool | None = None) -> FastAP
     engine, factory = open_db(settings.db_url)
     pool = pool or ModelPool(settings.specs)
     service.drop_stale_claims(factory)
+    if pool.learners:  # learning resumes where each open session's last finished round left it
+        pool.attach(learner_state_dir(settings), lambda sid: service.story(factory, sid),
+                    lambda sid, model, info: service.log_round(factory, sid, model, info))
+        with factory() as db:
+            for sid, ma, mb in service.open_sessions(db):
+                pool.learn(sid, (ma, mb))
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["plural"] = plural
     app = FastAPI(title="TopoCL arena", docs_url=None, redoc_url=None, openapi_url=None)
@@ -180,10 +195,12 @@ def create_app(settings: ArenaSettings, pool: ModelPool | None = None) -> FastAP
         with factory() as db:
             s = service.get_session(db, sid)
             turns = service.turns_of(db, sid)
+            learning = service.learning_log(db, sid) if s.status == "finished" else []  # names the models
         rows = [{"t": t, "note": gm_note(s.world, t.idx), "reply": service.committed_reply(t)} for t in turns]
         pending = turns[-1] if turns and turns[-1].status != "voted" else None
         return page(request, "session.html", s=s, rows=rows, pending=pending, revealed=s.status == "finished",
-                    next_note=gm_note(s.world, len(turns)), labels=OUTCOME_LABELS, limits=settings.limits)
+                    next_note=gm_note(s.world, len(turns)), labels=OUTCOME_LABELS, limits=settings.limits,
+                    learning=learning)
 
     @app.post("/s/{sid}/turns")
     def post_turn(request: Request, sid: str, csrf: str = Form(..., max_length=100),
@@ -201,13 +218,13 @@ def create_app(settings: ArenaSettings, pool: ModelPool | None = None) -> FastAP
     def post_vote(request: Request, sid: str, idx: int, csrf: str = Form(..., max_length=100),
                   outcome: str = Form(..., max_length=10)) -> RedirectResponse:
         check_csrf(request, csrf)
-        service.cast_vote(factory, sid, idx, outcome, request.state.client_id)
+        service.cast_vote(factory, sid, idx, outcome, request.state.client_id, pool)
         return RedirectResponse(f"/s/{sid}#turn-{idx}", status_code=303)
 
     @app.post("/s/{sid}/finish")
     def post_finish(request: Request, sid: str, csrf: str = Form(..., max_length=100)) -> RedirectResponse:
         check_csrf(request, csrf)
-        service.finish_session(factory, sid)
+        service.finish_session(factory, sid, pool)
         return RedirectResponse(f"/s/{sid}", status_code=303)
 
     def board() -> dict:

@@ -17,7 +17,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from topocl.arena.db import ArenaSession, Turn, VoteRow, utcnow
+from topocl.arena.db import ArenaSession, LearnRow, Turn, VoteRow, utcnow
 from topocl.arena.proxies import render_prompt, score_reply
 from topocl.arena.ratings import OUTCOMES, Vote
 from topocl.arena.serving import ModelPool
@@ -112,11 +112,11 @@ def play_turn(factory: sessionmaker, pool: ModelPool, sid: str, text: str, limit
         except IntegrityError:
             raise ArenaError(409, "this turn is already being played") from None
     try:
-        prompt = render_prompt(world, history, text, idx)
+        prompts = tuple(render_prompt(world, history, text, idx, pool.specs[m].context_turns) for m in (ma, mb))
         turn_seed = (seed * 1_000_003 + idx) % 2**31
-        ra, rb, msa, msb = pool.pair(ma, mb, prompt, turn_seed)
-        proxy = {side: score_reply(pool.backends[m], world, prompt, r, idx, seed)
-                 for side, m, r in (("a", ma, ra), ("b", mb, rb))}
+        ra, rb = pool.pair(ma, mb, prompts, turn_seed, sid)
+        proxy = {side: score_reply(pool.backends[m], world, prompt, r.text, idx, seed, sid)
+                 for side, m, r, prompt in (("a", ma, ra, prompts[0]), ("b", mb, rb, prompts[1]))}
     except Exception:
         with factory() as db:  # free the claim so the player can try again
             db.execute(delete(Turn).where(Turn.session_id == sid, Turn.idx == idx))
@@ -124,15 +124,18 @@ def play_turn(factory: sessionmaker, pool: ModelPool, sid: str, text: str, limit
         raise
     with factory() as db:
         t = db.scalar(select(Turn).where(Turn.session_id == sid, Turn.idx == idx))
-        t.reply_a, t.reply_b, t.ms_a, t.ms_b, t.proxy, t.status = ra, rb, msa, msb, proxy, "ready"
+        t.reply_a, t.reply_b, t.ms_a, t.ms_b, t.proxy, t.status = ra.text, rb.text, ra.ms, rb.ms, proxy, "ready"
+        t.step_a, t.step_b = ra.step, rb.step
         db.get(ArenaSession, sid).updated_at = utcnow()
         db.commit()
     return idx
 
 
-def cast_vote(factory: sessionmaker, sid: str, idx: int, outcome: str, client_id: str) -> bool:
+def cast_vote(factory: sessionmaker, sid: str, idx: int, outcome: str, client_id: str,
+              pool: ModelPool | None = None) -> bool:
     """Record the vote on turn `idx`; True if new, False if the same vote was already there (idempotent).
-    The winning reply becomes the story's (a tie commits one of the two by a seeded coin, both-bad neither)."""
+    The winning reply becomes the story's (a tie commits one of the two by a seeded coin, both-bad neither);
+    then the pool's learners of this session are told (they learn in the background)."""
     if outcome not in OUTCOMES:
         raise ArenaError(422, f"outcome must be one of {', '.join(OUTCOMES)}")
     if not 0 <= idx <= MAX_TURN_IDX:
@@ -153,7 +156,7 @@ def cast_vote(factory: sessionmaker, sid: str, idx: int, outcome: str, client_id
             proxy = t.proxy or {}
             db.add(VoteRow(session_id=sid, turn_idx=idx, outcome=outcome, model_a=s.model_a, model_b=s.model_b,
                            proxy_a=(proxy.get("a") or {}).get("score"), proxy_b=(proxy.get("b") or {}).get("score"),
-                           client=client_hash(client_id)))
+                           client=client_hash(client_id), len_a=len(t.reply_a or ""), len_b=len(t.reply_b or "")))
             if outcome == "tie":
                 t.committed = random.Random(f"{s.seed}/{idx}").choice("ab")
             else:
@@ -162,19 +165,53 @@ def cast_vote(factory: sessionmaker, sid: str, idx: int, outcome: str, client_id
             s.updated_at = utcnow()
             try:
                 db.commit()
-                return True
             except IntegrityError:
                 db.rollback()
+                continue
+            if pool is not None:
+                pool.learn(sid, (s.model_a, s.model_b))
+            return True
     raise ArenaError(409, "concurrent vote on this turn")
 
 
-def finish_session(factory: sessionmaker, sid: str) -> None:
-    """End the session (idempotent); the model names are shown from now on."""
+def finish_session(factory: sessionmaker, sid: str, pool: ModelPool | None = None) -> None:
+    """End the session (idempotent); the model names are shown from now on; learners delete its state."""
     with factory() as db:
         s = get_session(db, sid)
         if s.status != "finished":
             s.status, s.finished_at = "finished", utcnow()
             db.commit()
+    if pool is not None:
+        pool.end(sid)
+
+
+def story(factory: sessionmaker, sid: str) -> tuple[dict, int, list[dict]] | None:
+    """(world, seed, voted turns as {player_text, reply}) of an open session, None if ended or unknown:
+    what a learner trains on."""
+    with factory() as db:
+        s = db.get(ArenaSession, sid) if valid_session_id(sid) else None
+        if s is None or s.status != "open":
+            return None
+        turns = [t for t in turns_of(db, sid) if t.status == "voted"]
+        return s.world, s.seed, [{"player_text": t.player_text, "reply": committed_reply(t)} for t in turns]
+
+
+def log_round(factory: sessionmaker, sid: str, model: str, info: dict) -> None:
+    with factory() as db:
+        if db.get(ArenaSession, sid) is not None:
+            db.add(LearnRow(session_id=sid, model=model, through=info["through"], step=info["step"],
+                            loss_first=info["loss_first"], loss_last=info["loss_last"], seconds=info["seconds"]))
+            db.commit()
+
+
+def learning_log(db: Session, sid: str) -> list[LearnRow]:
+    return list(db.scalars(select(LearnRow).where(LearnRow.session_id == sid).order_by(LearnRow.id)))
+
+
+def open_sessions(db: Session) -> list[tuple[str, str, str]]:
+    """(id, model_a, model_b) of every open session."""
+    return [tuple(r) for r in db.execute(select(ArenaSession.id, ArenaSession.model_a, ArenaSession.model_b).where(
+        ArenaSession.status == "open"))]
 
 
 def drop_stale_claims(factory: sessionmaker) -> int:
