@@ -186,6 +186,59 @@ def test_favicon_plurals_and_single_session_interval(tmp_path):
     assert "2 votes in 2 sessions." in page and "needs ≥ 2 sessions" not in page and page.count(" … ") == 2
 
 
+def test_catch_pairs_measure_consistency(tmp_path):
+    c, csrf = make(tmp_path, catch_rate=1.0)  # every voted turn comes back with the sides swapped
+    sid = start(c, csrf)
+
+    def catch(idx, shown):
+        return c.post(f"/s/{sid}/catch/{idx}", data={"csrf": csrf, "outcome": shown}, follow_redirects=False)
+
+    turn(c, csrf, sid)
+    vote(c, csrf, sid, 0, "a")
+    page = c.get(f"/s/{sid}").text
+    with c.app.state.factory() as db:
+        t0 = db.query(Turn).filter_by(session_id=sid, idx=0).one()
+    section = page[page.index('data-testid="catch"'):]
+    assert section.index(str(escape(t0.reply_b))) < section.index(str(escape(t0.reply_a)))  # swapped
+    assert 'data-testid="turn-form"' in page  # playing on stays possible
+    assert catch(0, "b").status_code == 303  # shown B = the original A: consistent
+    assert catch(0, "b").status_code == 303 and catch(0, "a").status_code == 409  # repeat no-op, change refused
+    assert 'data-testid="catch"' not in c.get(f"/s/{sid}").text
+    turn(c, csrf, sid)
+    vote(c, csrf, sid, 1, "tie")
+    assert catch(1, "a").status_code == 303  # a tie, then a preference: inconsistent
+    turn(c, csrf, sid)
+    vote(c, csrf, sid, 2, "b")
+    turn(c, csrf, sid)  # played on: the catch of turn 2 is skipped
+    assert catch(2, "a").status_code == 409
+    assert catch(0, "left").status_code == 422 and catch(2**63, "a").status_code == 404
+    assert catch(9, "a").status_code == 404
+    stats = c.get("/api/ratings").json()["catches"]
+    assert stats == {"pairs": 2, "consistent": 1, "rate": 0.5, "players": 1, "players_below": 0}
+    assert "2 repeated pairs with the sides swapped: 1 answered consistently (50%) by 1 player" in c.get(
+        "/leaderboard").text
+
+
+def test_ratings_beyond_the_context_window_length_and_robustness(tmp_path):
+    specs = [ModelSpec("keeper", "scripted", style="keeper", context_turns=2),
+             ModelSpec("forgetter", "scripted", style="forgetter")]
+    c, csrf = make(tmp_path, specs=specs, bootstrap_rounds=20)
+    for _ in range(2):
+        sid = start(c, csrf)
+        for idx in range(5):  # turn idx has idx earlier turns: turns 3 and 4 lie beyond K = 2
+            turn(c, csrf, sid)
+            vote(c, csrf, sid, idx, "a" if idx < 3 else "tie")
+        c.post(f"/s/{sid}/finish", data={"csrf": csrf})
+    board = c.get("/api/ratings").json()
+    assert board["windows"] == {"keeper": 2}
+    assert board["beyond"]["votes"] == 4 and board["beyond"]["sessions"] == 2
+    assert sum(r["votes"] for r in board["beyond"]["rows"]) == 8
+    assert board["robustness"] is not None and board["length_coef"] is not None
+    assert all(r["rating_lc"] is not None for r in board["rows"])
+    page = c.get("/leaderboard").text
+    assert "Beyond the context window" in page and 'data-testid="robustness"' in page
+
+
 def test_rate_limit_per_client(tmp_path):
     c, csrf = make(tmp_path, posts_per_minute=3)
     codes = [c.post("/sessions", data={"csrf": csrf, "world": "campaign:0"}, follow_redirects=False).status_code

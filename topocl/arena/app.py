@@ -17,7 +17,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Form, Request
@@ -29,9 +29,9 @@ from sqlalchemy import select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from topocl.arena import service
+from topocl.arena.board import board_data, json_clean
 from topocl.arena.db import ArenaSession, open_db
 from topocl.arena.proxies import campaign_world, custom_world, gm_note
-from topocl.arena.ratings import leaderboard, proxy_agreement
 from topocl.arena.service import ArenaError, Limits
 from topocl.arena.serving import ModelPool, ModelSpec, demo_specs
 
@@ -52,6 +52,7 @@ class ArenaSettings:
     bootstrap_rounds: int = 200
     secure_cookies: bool = False  # set the Secure flag (behind HTTPS)
     state_dir: str = ""  # learners' per-session weights ("" = learner_state/ next to a SQLite file)
+    catch_rate: float = 0.0  # share of voted turns shown again with the sides swapped (consistency check)
 
 
 def learner_state_dir(settings: ArenaSettings) -> Path:
@@ -100,6 +101,7 @@ def create_app(settings: ArenaSettings, pool: ModelPool | None = None) -> FastAP
                 pool.learn(sid, (ma, mb))
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["plural"] = plural
+    templates.env.filters["num"] = lambda x: "–" if x is None else f"{x:.2f}"
     app = FastAPI(title="TopoCL arena", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.factory, app.state.pool, app.state.settings = engine, factory, pool, settings
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
@@ -196,11 +198,13 @@ def create_app(settings: ArenaSettings, pool: ModelPool | None = None) -> FastAP
             s = service.get_session(db, sid)
             turns = service.turns_of(db, sid)
             learning = service.learning_log(db, sid) if s.status == "finished" else []  # names the models
+            catch = service.pending_catch(db, sid) if s.status == "open" else None
         rows = [{"t": t, "note": gm_note(s.world, t.idx), "reply": service.committed_reply(t)} for t in turns]
+        catch_turn = next((t for t in turns if catch is not None and t.idx == catch.turn_idx), None)
         pending = turns[-1] if turns and turns[-1].status != "voted" else None
         return page(request, "session.html", s=s, rows=rows, pending=pending, revealed=s.status == "finished",
                     next_note=gm_note(s.world, len(turns)), labels=OUTCOME_LABELS, limits=settings.limits,
-                    learning=learning)
+                    learning=learning, catch=catch_turn)
 
     @app.post("/s/{sid}/turns")
     def post_turn(request: Request, sid: str, csrf: str = Form(..., max_length=100),
@@ -218,8 +222,15 @@ def create_app(settings: ArenaSettings, pool: ModelPool | None = None) -> FastAP
     def post_vote(request: Request, sid: str, idx: int, csrf: str = Form(..., max_length=100),
                   outcome: str = Form(..., max_length=10)) -> RedirectResponse:
         check_csrf(request, csrf)
-        service.cast_vote(factory, sid, idx, outcome, request.state.client_id, pool)
+        service.cast_vote(factory, sid, idx, outcome, request.state.client_id, pool, settings.catch_rate)
         return RedirectResponse(f"/s/{sid}#turn-{idx}", status_code=303)
+
+    @app.post("/s/{sid}/catch/{idx}")
+    def post_catch(request: Request, sid: str, idx: int, csrf: str = Form(..., max_length=100),
+                   outcome: str = Form(..., max_length=10)) -> RedirectResponse:
+        check_csrf(request, csrf)
+        service.answer_catch(factory, sid, idx, outcome)
+        return RedirectResponse(f"/s/{sid}", status_code=303)
 
     @app.post("/s/{sid}/finish")
     def post_finish(request: Request, sid: str, csrf: str = Form(..., max_length=100)) -> RedirectResponse:
@@ -241,9 +252,11 @@ def create_app(settings: ArenaSettings, pool: ModelPool | None = None) -> FastAP
             with factory() as db:
                 key = service.vote_count(db)
                 votes = service.as_rating_votes(service.all_votes(db, finished_only=True))
-            rows = leaderboard(votes, pool.names, rounds=settings.bootstrap_rounds)
-            out = {"votes": len(votes), "sessions": len({v.session for v in votes}), "votes_recorded": key[0],
-                   "rows": [asdict(r) for r in rows], "agreement": proxy_agreement(votes)}
+                catches = service.catch_stats(db)
+            windows = {n: s.context_turns for n, s in pool.specs.items()}
+            out = {**board_data(votes, pool.names, rounds=settings.bootstrap_rounds, windows=windows,
+                                catches=catches),
+                   "votes_recorded": key[0]}
             board_cache["last"] = (key, out)
             return out
         finally:
@@ -251,15 +264,11 @@ def create_app(settings: ArenaSettings, pool: ModelPool | None = None) -> FastAP
 
     @app.get("/leaderboard", response_class=HTMLResponse)
     def show_leaderboard(request: Request) -> HTMLResponse:
-        return page(request, "leaderboard.html", board=board(), isnan=math.isnan)
+        return page(request, "leaderboard.html", board=board(), isnan=math.isnan, e=math.e)
 
     @app.get("/api/ratings")
     def api_ratings() -> JSONResponse:
-        b = board()
-        clean = {**b, "rows": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
-                               for r in b["rows"]],
-                 "agreement": {k: (None if math.isnan(v) else v) for k, v in b["agreement"].items()}}
-        return JSONResponse(clean)
+        return JSONResponse(json_clean(board()))
 
     def is_admin(request: Request) -> bool:
         token = request.cookies.get("arena_admin", "")

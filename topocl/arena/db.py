@@ -121,6 +121,21 @@ class LearnRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class CatchRow(Base):
+    """A catch pair (v2): a voted turn shown again with the sides swapped; `repeat` is the second answer mapped
+    back to the original sides (None until answered; "skip" when the player went on without answering)."""
+
+    __tablename__ = "arena_catch"
+    __table_args__ = (UniqueConstraint("session_id", "turn_idx", name="uq_catch_session_turn"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("arena_session.id", ondelete="CASCADE"), index=True)
+    turn_idx: Mapped[int] = mapped_column(Integer)
+    first: Mapped[str] = mapped_column(String(8))  # the vote on the turn: a | b | tie | both_bad
+    repeat: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    client: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
 V1_TABLES = {"arena_session", "arena_turn", "arena_vote"}
 V2_COLUMNS = {"arena_turn": ("step_a", "step_b"), "arena_vote": ("len_a", "len_b")}
 
@@ -137,12 +152,12 @@ def _v2(conn: Connection) -> None:
         for col in cols:
             if col not in have:
                 conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {col} INTEGER"))
-    Base.metadata.create_all(conn, tables=[LearnRow.__table__], checkfirst=True)
+    Base.metadata.create_all(conn, tables=[LearnRow.__table__, CatchRow.__table__], checkfirst=True)
 
 
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "sessions, turns, votes", _v1),
-    (2, "learning game masters: reply steps, reply lengths, learning rounds", _v2),
+    (2, "learning game masters: reply steps, reply lengths, learning rounds, catch pairs", _v2),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

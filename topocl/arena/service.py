@@ -13,11 +13,11 @@ import secrets
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from topocl.arena.db import ArenaSession, LearnRow, Turn, VoteRow, utcnow
+from topocl.arena.db import ArenaSession, CatchRow, LearnRow, Turn, VoteRow, utcnow
 from topocl.arena.proxies import render_prompt, score_reply
 from topocl.arena.ratings import OUTCOMES, Vote
 from topocl.arena.serving import ModelPool
@@ -105,6 +105,8 @@ def play_turn(factory: sessionmaker, pool: ModelPool, sid: str, text: str, limit
             raise ArenaError(409, f"a session has at most {limits.turns_per_session} turns")
         idx = len(turns)
         history = [{"player_text": t.player_text, "reply": committed_reply(t)} for t in turns]
+        db.execute(update(CatchRow).where(CatchRow.session_id == sid, CatchRow.repeat.is_(None)).values(
+            repeat="skip"))  # an unanswered catch pair is skipped by playing on
         world, seed, ma, mb = s.world, s.seed, s.model_a, s.model_b
         db.add(Turn(session_id=sid, idx=idx, player_text=text, status="generating"))
         try:
@@ -132,10 +134,11 @@ def play_turn(factory: sessionmaker, pool: ModelPool, sid: str, text: str, limit
 
 
 def cast_vote(factory: sessionmaker, sid: str, idx: int, outcome: str, client_id: str,
-              pool: ModelPool | None = None) -> bool:
+              pool: ModelPool | None = None, catch_rate: float = 0.0) -> bool:
     """Record the vote on turn `idx`; True if new, False if the same vote was already there (idempotent).
     The winning reply becomes the story's (a tie commits one of the two by a seeded coin, both-bad neither);
-    then the pool's learners of this session are told (they learn in the background)."""
+    then the pool's learners of this session are told (they learn in the background). With probability
+    catch_rate (a seeded coin per turn) the turn becomes a catch pair: shown again with the sides swapped."""
     if outcome not in OUTCOMES:
         raise ArenaError(422, f"outcome must be one of {', '.join(OUTCOMES)}")
     if not 0 <= idx <= MAX_TURN_IDX:
@@ -163,6 +166,8 @@ def cast_vote(factory: sessionmaker, sid: str, idx: int, outcome: str, client_id
                 t.committed = "none" if outcome == "both_bad" else outcome
             t.status = "voted"
             s.updated_at = utcnow()
+            if catch_rate > 0 and random.Random(f"{s.seed}/catch/{idx}").random() < catch_rate:
+                db.add(CatchRow(session_id=sid, turn_idx=idx, first=outcome, client=client_hash(client_id)))
             try:
                 db.commit()
             except IntegrityError:
@@ -183,6 +188,45 @@ def finish_session(factory: sessionmaker, sid: str, pool: ModelPool | None = Non
             db.commit()
     if pool is not None:
         pool.end(sid)
+
+
+SWAP = {"a": "b", "b": "a", "tie": "tie", "both_bad": "both_bad"}
+
+
+def pending_catch(db: Session, sid: str) -> CatchRow | None:
+    return db.scalar(select(CatchRow).where(CatchRow.session_id == sid, CatchRow.repeat.is_(None)))
+
+
+def answer_catch(factory: sessionmaker, sid: str, idx: int, shown: str) -> bool:
+    """The answer to the catch pair of turn `idx`, given on the swapped display; True if consistent."""
+    if shown not in SWAP:
+        raise ArenaError(422, f"outcome must be one of {', '.join(SWAP)}")
+    if not 0 <= idx <= MAX_TURN_IDX:
+        raise ArenaError(404, "no such check")
+    with factory() as db:
+        get_session(db, sid)
+        c = db.scalar(select(CatchRow).where(CatchRow.session_id == sid, CatchRow.turn_idx == idx))
+        if c is None:
+            raise ArenaError(404, "no such check")
+        if c.repeat is not None:
+            if c.repeat == SWAP[shown]:
+                return c.repeat == c.first
+            raise ArenaError(409, "this check was already answered or skipped")
+        c.repeat = SWAP[shown]
+        db.commit()
+        return c.repeat == c.first
+
+
+def catch_stats(db: Session) -> dict:
+    """Catch pairs answered, how many consistently (the same choice with the sides swapped), by how many
+    players, and how many players (with at least 2 answered) were consistent less than half the time."""
+    rows = list(db.scalars(select(CatchRow).where(CatchRow.repeat.is_not(None), CatchRow.repeat != "skip")))
+    by: dict[str, list[bool]] = {}
+    for r in rows:
+        by.setdefault(r.client, []).append(r.repeat == r.first)
+    ok = sum(sum(v) for v in by.values())
+    return {"pairs": len(rows), "consistent": ok, "rate": ok / len(rows) if rows else float("nan"),
+            "players": len(by), "players_below": sum(1 for v in by.values() if len(v) >= 2 and sum(v) < len(v) / 2)}
 
 
 def story(factory: sessionmaker, sid: str) -> tuple[dict, int, list[dict]] | None:
@@ -232,11 +276,14 @@ def all_votes(db: Session, finished_only: bool = False) -> list[VoteRow]:
 
 
 def as_rating_votes(rows: list[VoteRow]) -> list[Vote]:
-    return [Vote(r.session_id, r.model_a, r.model_b, r.outcome, r.proxy_a, r.proxy_b) for r in rows]
+    return [Vote(r.session_id, r.model_a, r.model_b, r.outcome, r.proxy_a, r.proxy_b, r.turn_idx, r.len_a, r.len_b)
+            for r in rows]
 
 
-def vote_count(db: Session) -> tuple[int, int, int]:
-    """(number of votes, largest vote id, finished sessions): changes whenever the leaderboard may."""
+def vote_count(db: Session) -> tuple[int, int, int, int]:
+    """(number of votes, largest vote id, finished sessions, answered catch pairs): changes whenever the
+    leaderboard may."""
     n, last = db.execute(select(func.count(VoteRow.id), func.max(VoteRow.id))).one()
     done = db.scalar(select(func.count(ArenaSession.id)).where(ArenaSession.status == "finished"))
-    return int(n or 0), int(last or 0), int(done or 0)
+    catches = db.scalar(select(func.count(CatchRow.id)).where(CatchRow.repeat.is_not(None)))
+    return int(n or 0), int(last or 0), int(done or 0), int(catches or 0)
