@@ -35,8 +35,9 @@ def tiny_topocl_run(path: Path) -> Path:
     return path
 
 
-def tiny_hf_dir(path: Path) -> Path:
-    """A tiny LlamaForCausalLM (from a config, untrained) and its tokenizer saved as an HF model directory."""
+def tiny_hf_dir(path: Path, heads: int = 2, kv_heads: int = 1, hidden: int = 16) -> Path:
+    """A tiny LlamaForCausalLM (from a config, untrained) and its tokenizer saved as an HF model directory
+    (heads=4, kv_heads=2, hidden=32: two KV groups, so a head split leaves a group A and a group B)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -45,8 +46,8 @@ def tiny_hf_dir(path: Path) -> Path:
     tk.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>"],
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128)
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)

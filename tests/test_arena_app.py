@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from topocl.arena.app import ArenaSettings, create_app  # noqa: E402
 from topocl.arena.cli import cli as arena_cli  # noqa: E402
 from topocl.arena.cli import ratings_export  # noqa: E402
-from topocl.arena.db import Turn, open_db, schema_version  # noqa: E402
+from topocl.arena.db import SCHEMA_VERSION, Turn, open_db, schema_version  # noqa: E402
 from topocl.arena.service import ArenaError  # noqa: E402
 from topocl.arena.serving import ModelSpec, demo_specs  # noqa: E402
 
@@ -137,6 +137,108 @@ def test_malformed_requests_get_4xx_never_500(tmp_path):
     assert all(r.status_code < 500 for r, _ in cases.values())
 
 
+def test_huge_turn_index_and_control_characters_are_4xx(tmp_path):
+    c, csrf = make(tmp_path)
+    sid = start(c, csrf)
+    assert turn(c, csrf, sid).status_code == 303
+    for idx in ("99999999999999999999", str(2**63), str(2**31)):
+        r = c.post(f"/s/{sid}/turns/{idx}/vote", data={"csrf": csrf, "outcome": "a"})
+        assert r.status_code == 404, (idx, r.status_code)
+    assert vote(c, csrf, sid, 0, "a").status_code == 303
+    for text in ("Hello\x00world", "bell\x07", "esc \x1b[31m red", "c1 \x85 next line"):
+        r = turn(c, csrf, sid, text)
+        assert r.status_code == 422 and "control character" in r.text, (text, r.status_code)
+    r = turn(c, csrf, sid, "Hello\x00world")
+    assert "U+0000 at character 6" in r.text
+    assert turn(c, csrf, sid, "Tabs\tand\r\nnewlines are fine.").status_code == 303
+    for field in ("title", "premise", "facts"):
+        data = {"title": "T", "premise": "A harbour.", "facts": "", field: "evil\x00"}
+        r = c.post("/sessions", data={"csrf": csrf, "world": "custom", **data})
+        assert r.status_code == 422 and f"the {field} contains a control character" in r.text
+
+
+def test_a_typed_premise_needs_my_own_premise(tmp_path):
+    c, csrf = make(tmp_path)
+    r = c.post("/sessions", data={"csrf": csrf, "world": "campaign:0", "premise": "A rainy harbour town."})
+    assert r.status_code == 422 and "My own premise" in r.text  # was silently dropped
+    assert start(c, csrf, "campaign:0", title="  ", premise="", facts="")  # blank fields are not a premise
+
+
+def test_favicon_plurals_and_single_session_interval(tmp_path):
+    c, csrf = make(tmp_path, bootstrap_rounds=20)
+    r = c.get("/favicon.ico")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("image/svg+xml")
+    assert 'rel="icon"' in c.get("/").text
+    sid = start(c, csrf)
+    turn(c, csrf, sid)
+    vote(c, csrf, sid, 0, "a")
+    c.post(f"/s/{sid}/finish", data={"csrf": csrf})
+    page = c.get("/leaderboard").text
+    assert "1 vote in 1 session." in page and "0 votes of sessions" in page
+    assert page.count("needs ≥ 2 sessions") == 2 and " … " not in page
+    rows = c.get("/api/ratings").json()["rows"]
+    assert all(r["sessions"] == 1 and r["ci_low"] is None for r in rows)
+    sid = start(c, csrf)
+    turn(c, csrf, sid)
+    vote(c, csrf, sid, 0, "b")
+    c.post(f"/s/{sid}/finish", data={"csrf": csrf})
+    page = c.get("/leaderboard").text
+    assert "2 votes in 2 sessions." in page and "needs ≥ 2 sessions" not in page and page.count(" … ") == 2
+
+
+def test_catch_pairs_measure_consistency(tmp_path):
+    c, csrf = make(tmp_path, catch_rate=1.0)  # every voted turn comes back with the sides swapped
+    sid = start(c, csrf)
+
+    def catch(idx, shown):
+        return c.post(f"/s/{sid}/catch/{idx}", data={"csrf": csrf, "outcome": shown}, follow_redirects=False)
+
+    turn(c, csrf, sid)
+    vote(c, csrf, sid, 0, "a")
+    page = c.get(f"/s/{sid}").text
+    with c.app.state.factory() as db:
+        t0 = db.query(Turn).filter_by(session_id=sid, idx=0).one()
+    section = page[page.index('data-testid="catch"'):]
+    assert section.index(str(escape(t0.reply_b))) < section.index(str(escape(t0.reply_a)))  # swapped
+    assert 'data-testid="turn-form"' in page  # playing on stays possible
+    assert catch(0, "b").status_code == 303  # shown B = the original A: consistent
+    assert catch(0, "b").status_code == 303 and catch(0, "a").status_code == 409  # repeat no-op, change refused
+    assert 'data-testid="catch"' not in c.get(f"/s/{sid}").text
+    turn(c, csrf, sid)
+    vote(c, csrf, sid, 1, "tie")
+    assert catch(1, "a").status_code == 303  # a tie, then a preference: inconsistent
+    turn(c, csrf, sid)
+    vote(c, csrf, sid, 2, "b")
+    turn(c, csrf, sid)  # played on: the catch of turn 2 is skipped
+    assert catch(2, "a").status_code == 409
+    assert catch(0, "left").status_code == 422 and catch(2**63, "a").status_code == 404
+    assert catch(9, "a").status_code == 404
+    stats = c.get("/api/ratings").json()["catches"]
+    assert stats == {"pairs": 2, "consistent": 1, "rate": 0.5, "players": 1, "players_below": 0}
+    assert "2 repeated pairs with the sides swapped: 1 answered consistently (50%) by 1 player" in c.get(
+        "/leaderboard").text
+
+
+def test_ratings_beyond_the_context_window_length_and_robustness(tmp_path):
+    specs = [ModelSpec("keeper", "scripted", style="keeper", context_turns=2),
+             ModelSpec("forgetter", "scripted", style="forgetter")]
+    c, csrf = make(tmp_path, specs=specs, bootstrap_rounds=20)
+    for _ in range(2):
+        sid = start(c, csrf)
+        for idx in range(5):  # turn idx has idx earlier turns: turns 3 and 4 lie beyond K = 2
+            turn(c, csrf, sid)
+            vote(c, csrf, sid, idx, "a" if idx < 3 else "tie")
+        c.post(f"/s/{sid}/finish", data={"csrf": csrf})
+    board = c.get("/api/ratings").json()
+    assert board["windows"] == {"keeper": 2}
+    assert board["beyond"]["votes"] == 4 and board["beyond"]["sessions"] == 2
+    assert sum(r["votes"] for r in board["beyond"]["rows"]) == 8
+    assert board["robustness"] is not None and board["length_coef"] is not None
+    assert all(r["rating_lc"] is not None for r in board["rows"])
+    page = c.get("/leaderboard").text
+    assert "Beyond the context window" in page and 'data-testid="robustness"' in page
+
+
 def test_rate_limit_per_client(tmp_path):
     c, csrf = make(tmp_path, posts_per_minute=3)
     codes = [c.post("/sessions", data={"csrf": csrf, "world": "campaign:0"}, follow_redirects=False).status_code
@@ -175,7 +277,7 @@ def test_sessions_survive_a_restart(tmp_path):
     page = c2.get(f"/s/{sid}").text
     assert "Before the restart." in page and 'data-testid="turn-form"' in page  # the stale claim was freed
     assert turn(c2, csrf, sid, "Again.").status_code == 303 and vote(c2, csrf, sid, 1, "a").status_code == 303
-    assert schema_version(c2.app.state.engine) == 1
+    assert schema_version(c2.app.state.engine) == SCHEMA_VERSION
     assert c2.get("/api/ratings").json()["votes_recorded"] == 2
 
 
@@ -210,7 +312,32 @@ def test_migrations_are_recorded_once(tmp_path):
     engine, _ = open_db(url)
     from topocl.arena.db import migrate
 
-    assert migrate(engine) == [] and schema_version(engine) == 1
+    assert migrate(engine) == [] and schema_version(engine) == SCHEMA_VERSION == 2
+
+
+def test_a_version_1_database_migrates_to_2(tmp_path):
+    """A database made before learners (no reply steps / lengths, no learning table) keeps its votes."""
+    from sqlalchemy import inspect, text
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine, _ = open_db(url)
+    with engine.begin() as conn:  # back to schema 1
+        for table, col in (("arena_turn", "step_a"), ("arena_turn", "step_b"), ("arena_vote", "len_a"),
+                           ("arena_vote", "len_b")):
+            conn.execute(text(f"ALTER TABLE {table} DROP COLUMN {col}"))
+        conn.execute(text("DROP TABLE arena_learn"))
+        conn.execute(text("DELETE FROM arena_schema_version WHERE version = 2"))
+        conn.execute(text("INSERT INTO arena_session (id, world, model_a, model_b, status, seed, client, created_at, "
+                          "updated_at) VALUES ('" + "a" * 32 + "', '{}', 'x', 'y', 'finished', 1, 'c', "
+                          "'2026-01-01', '2026-01-01')"))
+        conn.execute(text("INSERT INTO arena_vote (session_id, turn_idx, outcome, model_a, model_b, client, "
+                          "created_at) VALUES ('" + "a" * 32 + "', 0, 'a', 'x', 'y', 'c', '2026-01-01')"))
+    engine.dispose()
+    engine, _ = open_db(url)
+    assert schema_version(engine) == 2
+    cols = {c["name"] for c in inspect(engine).get_columns("arena_turn")}
+    assert {"step_a", "step_b"} <= cols and "arena_learn" in inspect(engine).get_table_names()
+    assert [v["outcome"] for v in ratings_export(url, rounds=5)["votes"]] == ["a"]
 
 
 def test_arena_error_carries_status():
@@ -228,7 +355,10 @@ def test_the_same_flow_on_postgresql():
     assert turn(c, csrf, sid).status_code == 303
     assert vote(c, csrf, sid, 0, "tie").status_code == 303 and vote(c, csrf, sid, 0, "tie").status_code == 303
     assert vote(c, csrf, sid, 0, "a").status_code == 409
+    assert c.post(f"/s/{sid}/turns/{2**63}/vote", data={"csrf": csrf, "outcome": "a"}).status_code == 404
+    r = turn(c, csrf, sid, "NUL\x00byte")  # PostgreSQL cannot store it: refused before it gets there
+    assert r.status_code == 422 and "control character" in r.text
     c.app.state.engine.dispose()
     c2 = TestClient(create_app(ArenaSettings(db_url=url)), cookies=c.cookies)  # migrations are not re-applied
-    assert schema_version(c2.app.state.engine) == 1 and c2.get(f"/s/{sid}").status_code == 200
+    assert schema_version(c2.app.state.engine) == SCHEMA_VERSION and c2.get(f"/s/{sid}").status_code == 200
     assert sid in {v["session_id"] for v in ratings_export(url, rounds=5)["votes"]}

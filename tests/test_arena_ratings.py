@@ -4,7 +4,16 @@ import math
 
 import pytest
 
-from topocl.arena.ratings import Vote, bootstrap_bt, bt_fit, leaderboard, online_elo, proxy_agreement
+from topocl.arena.ratings import (
+    Vote,
+    bootstrap_bt,
+    bt_fit,
+    bt_fit_length,
+    leaderboard,
+    online_elo,
+    proxy_agreement,
+    top_robustness,
+)
 
 
 def votes(session, a, b, outcomes):
@@ -45,11 +54,12 @@ def test_online_elo_by_hand():
 
 
 def test_bootstrap_resamples_sessions_not_votes():
-    # one session only: every resample is that session, so the interval collapses to the point estimate
+    # one session only: every resample is that session; instead of a zero-width interval there is none
     vs = votes("only", "A", "B", ["a", "a", "b", "tie"])
     ci = bootstrap_bt(vs, rounds=20, reg=0.0)
-    point = bt_fit(vs)
-    assert ci["A"] == pytest.approx((point["A"], point["A"]))
+    assert all(math.isnan(x) for m in "AB" for x in ci[m])
+    two = vs + votes("second", "A", "B", ["a"])
+    assert all(not math.isnan(x) for x in bootstrap_bt(two, rounds=20)["A"])
     # many sessions: the interval covers the estimate and has width
     many = [v for s in range(12) for v in votes(f"s{s}", "A", "B", ["a", "b", "a"] if s % 3 else ["b", "b"])]
     ci = bootstrap_bt(many, rounds=100)
@@ -66,6 +76,8 @@ def test_leaderboard_tallies_and_ci_rank():
     assert (by["strong"].wins, by["strong"].ties, by["strong"].losses, by["strong"].votes) == (30, 10, 0, 40)
     assert (by["weak"].both_bad, by["weak"].ties, by["weak"].losses) == (1, 11, 30)
     assert by["weak"].rank >= 2 and by["strong"].ci_low > by["weak"].ci_high
+    assert (by["strong"].sessions, by["weak"].sessions, by["mid"].sessions) == (10, 11, 1)
+    assert math.isnan(by["mid"].ci_low) and math.isnan(by["mid"].ci_high)  # one session: no interval
 
 
 def test_proxy_agreement_rate_and_kappa():
@@ -83,3 +95,33 @@ def test_vote_validation():
         Vote("s", "A", "B", "left")
     with pytest.raises(ValueError):
         Vote("s", "A", "A", "a")
+
+
+def test_length_covariate_by_hand():
+    # equal models; the longer reply wins 4 of 5 votes, and each model is the longer one half the time:
+    # plain BT sees a draw, the length coefficient is logit(0.8) = ln 4 per standard deviation of z (z = +-1)
+    vs = []
+    for s in range(10):
+        long_a = s % 2 == 0
+        for k in range(5):
+            wins_long = k < 4
+            outcome = "a" if wins_long == long_a else "b"
+            vs.append(Vote(f"s{s}", "X", "Y", outcome, len_a=300 if long_a else 100, len_b=100 if long_a else 300))
+    plain = bt_fit(vs, reg=1e-6)
+    lc, gamma = bt_fit_length(vs, reg=1e-6)
+    assert plain["X"] == pytest.approx(1000, abs=1e-6) and lc["X"] == pytest.approx(1000, abs=1e-6)
+    assert gamma == pytest.approx(math.log(4), rel=1e-4)
+    # equal lengths: gamma 0 and the rating gap is the win-rate logit, 400 log10(4)
+    eq = [Vote("s", "X", "Y", "a" if k < 4 else "b", len_a=50, len_b=50) for k in range(5)]
+    lc, gamma = bt_fit_length(eq, reg=1e-8)
+    assert gamma == 0.0 and lc["X"] - lc["Y"] == pytest.approx(400 * math.log10(4), rel=1e-4)
+
+
+def test_top_rank_robustness_by_hand():
+    # A beats B three times and loses once: dropping two of A's wins leaves 1-1, a draw at the top
+    vs = votes("s", "A", "B", ["a", "a", "a", "b"])
+    assert top_robustness(vs) == 2
+    assert top_robustness(vs + votes("t", "A", "B", ["tie"])) == 2  # wins go before ties
+    assert top_robustness(votes("s", "A", "B", ["a", "b"])) == 0  # no strict leader
+    assert top_robustness(votes("s", "A", "B", ["a"] * 5), max_drop=3) is None
+    assert top_robustness([]) is None

@@ -45,9 +45,10 @@ def test_specs_resolve_paths_and_reject_bad_files(models_yaml, tmp_path):
 def test_both_kinds_generate_reproducibly_and_score_probes(models_yaml):
     pool = ModelPool(load_specs(models_yaml))
     prompt = "You are the game master.\n\nPlayer: I look around.\nGM:"
-    ra, rb, ma, mb = pool.pair("tiny-gpt", "tiny-llama", prompt, seed=3)
-    assert ra and rb and ma > 0 and mb > 0
-    assert pool.pair("tiny-gpt", "tiny-llama", prompt, seed=3)[:2] == (ra, rb)  # seeded sampling
+    ra, rb = pool.pair("tiny-gpt", "tiny-llama", (prompt, prompt), seed=3)
+    assert ra.text and rb.text and ra.ms > 0 and rb.ms > 0 and ra.step == rb.step == 0
+    again = pool.pair("tiny-gpt", "tiny-llama", (prompt, prompt), seed=3)
+    assert (again[0].text, again[1].text) == (ra.text, rb.text)  # seeded sampling
     world = campaign_world(0)
     probes = [Probe(**p) for p in world["events"][0]["probes"]]
     for name in pool.names:

@@ -17,7 +17,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Form, Request
@@ -29,9 +29,9 @@ from sqlalchemy import select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from topocl.arena import service
+from topocl.arena.board import board_data, json_clean
 from topocl.arena.db import ArenaSession, open_db
 from topocl.arena.proxies import campaign_world, custom_world, gm_note
-from topocl.arena.ratings import leaderboard, proxy_agreement
 from topocl.arena.service import ArenaError, Limits
 from topocl.arena.serving import ModelPool, ModelSpec, demo_specs
 
@@ -45,12 +45,22 @@ class ArenaSettings:
     db_url: str = "sqlite:///runs/arena/arena.db"
     specs: list[ModelSpec] = field(default_factory=demo_specs)
     admin_token: str = ""  # "" = no admin page
-    posts_per_minute: int = 30  # per client address
-    requests_per_minute: int = 600
+    posts_per_minute: int = 30  # per client address; 0 = no limit
+    requests_per_minute: int = 600  # 0 = no limit
     max_body: int = 32_768  # bytes
     limits: Limits = field(default_factory=Limits)
     bootstrap_rounds: int = 200
     secure_cookies: bool = False  # set the Secure flag (behind HTTPS)
+    state_dir: str = ""  # learners' per-session weights ("" = learner_state/ next to a SQLite file)
+    catch_rate: float = 0.0  # share of voted turns shown again with the sides swapped (consistency check)
+
+
+def learner_state_dir(settings: ArenaSettings) -> Path:
+    if settings.state_dir:
+        return Path(settings.state_dir)
+    if settings.db_url.startswith("sqlite:///") and settings.db_url != "sqlite:///:memory:":
+        return Path(settings.db_url[len("sqlite:///"):]).parent / "learner_state"
+    return Path("runs/arena/learner_state")
 
 
 class RateLimiter:
@@ -61,6 +71,10 @@ class RateLimiter:
         self.lock = threading.Lock()
 
     def allow(self, key: str, per_minute: int, now: float | None = None) -> bool:
+        """True if `key` made fewer than `per_minute` requests in the last minute (recording this one);
+        per_minute <= 0 means no limit."""
+        if per_minute <= 0:
+            return True
         now = time.monotonic() if now is None else now
         with self.lock:
             q = self.hits.setdefault(key, deque())
@@ -79,7 +93,15 @@ def create_app(settings: ArenaSettings, pool: ModelPool | None = None) -> FastAP
     engine, factory = open_db(settings.db_url)
     pool = pool or ModelPool(settings.specs)
     service.drop_stale_claims(factory)
+    if pool.learners:  # learning resumes where each open session's last finished round left it
+        pool.attach(learner_state_dir(settings), lambda sid: service.story(factory, sid),
+                    lambda sid, model, info: service.log_round(factory, sid, model, info))
+        with factory() as db:
+            for sid, ma, mb in service.open_sessions(db):
+                pool.learn(sid, (ma, mb))
     templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.filters["plural"] = plural
+    templates.env.filters["num"] = lambda x: "–" if x is None else f"{x:.2f}"
     app = FastAPI(title="TopoCL arena", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.factory, app.state.pool, app.state.settings = engine, factory, pool, settings
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
@@ -148,6 +170,11 @@ def create_app(settings: ArenaSettings, pool: ModelPool | None = None) -> FastAP
                     title: str = Form("", max_length=200), premise: str = Form("", max_length=20_000),
                     facts: str = Form("", max_length=8000)) -> RedirectResponse:
         check_csrf(request, csrf)
+        for what, text in (("the title", title), ("the premise", premise), ("the facts", facts)):
+            service.check_text(text, what)
+        if world != "custom" and (title.strip() or premise.strip() or facts.strip()):
+            raise ArenaError(422, "you wrote your own premise but chose a campaign world: pick \"My own premise\" "
+                                  "to play it, or clear the premise fields")
         if world == "custom":
             if not premise.strip():
                 raise ArenaError(422, "write a premise for your own world")
@@ -170,10 +197,14 @@ def create_app(settings: ArenaSettings, pool: ModelPool | None = None) -> FastAP
         with factory() as db:
             s = service.get_session(db, sid)
             turns = service.turns_of(db, sid)
+            learning = service.learning_log(db, sid) if s.status == "finished" else []  # names the models
+            catch = service.pending_catch(db, sid) if s.status == "open" else None
         rows = [{"t": t, "note": gm_note(s.world, t.idx), "reply": service.committed_reply(t)} for t in turns]
+        catch_turn = next((t for t in turns if catch is not None and t.idx == catch.turn_idx), None)
         pending = turns[-1] if turns and turns[-1].status != "voted" else None
         return page(request, "session.html", s=s, rows=rows, pending=pending, revealed=s.status == "finished",
-                    next_note=gm_note(s.world, len(turns)), labels=OUTCOME_LABELS, limits=settings.limits)
+                    next_note=gm_note(s.world, len(turns)), labels=OUTCOME_LABELS, limits=settings.limits,
+                    learning=learning, catch=catch_turn)
 
     @app.post("/s/{sid}/turns")
     def post_turn(request: Request, sid: str, csrf: str = Form(..., max_length=100),
@@ -191,13 +222,20 @@ def create_app(settings: ArenaSettings, pool: ModelPool | None = None) -> FastAP
     def post_vote(request: Request, sid: str, idx: int, csrf: str = Form(..., max_length=100),
                   outcome: str = Form(..., max_length=10)) -> RedirectResponse:
         check_csrf(request, csrf)
-        service.cast_vote(factory, sid, idx, outcome, request.state.client_id)
+        service.cast_vote(factory, sid, idx, outcome, request.state.client_id, pool, settings.catch_rate)
         return RedirectResponse(f"/s/{sid}#turn-{idx}", status_code=303)
+
+    @app.post("/s/{sid}/catch/{idx}")
+    def post_catch(request: Request, sid: str, idx: int, csrf: str = Form(..., max_length=100),
+                   outcome: str = Form(..., max_length=10)) -> RedirectResponse:
+        check_csrf(request, csrf)
+        service.answer_catch(factory, sid, idx, outcome)
+        return RedirectResponse(f"/s/{sid}", status_code=303)
 
     @app.post("/s/{sid}/finish")
     def post_finish(request: Request, sid: str, csrf: str = Form(..., max_length=100)) -> RedirectResponse:
         check_csrf(request, csrf)
-        service.finish_session(factory, sid)
+        service.finish_session(factory, sid, pool)
         return RedirectResponse(f"/s/{sid}", status_code=303)
 
     def board() -> dict:
@@ -214,9 +252,11 @@ def create_app(settings: ArenaSettings, pool: ModelPool | None = None) -> FastAP
             with factory() as db:
                 key = service.vote_count(db)
                 votes = service.as_rating_votes(service.all_votes(db, finished_only=True))
-            rows = leaderboard(votes, pool.names, rounds=settings.bootstrap_rounds)
-            out = {"votes": len(votes), "sessions": len({v.session for v in votes}), "votes_recorded": key[0],
-                   "rows": [asdict(r) for r in rows], "agreement": proxy_agreement(votes)}
+                catches = service.catch_stats(db)
+            windows = {n: s.context_turns for n, s in pool.specs.items()}
+            out = {**board_data(votes, pool.names, rounds=settings.bootstrap_rounds, windows=windows,
+                                catches=catches),
+                   "votes_recorded": key[0]}
             board_cache["last"] = (key, out)
             return out
         finally:
@@ -224,15 +264,11 @@ def create_app(settings: ArenaSettings, pool: ModelPool | None = None) -> FastAP
 
     @app.get("/leaderboard", response_class=HTMLResponse)
     def show_leaderboard(request: Request) -> HTMLResponse:
-        return page(request, "leaderboard.html", board=board(), isnan=math.isnan)
+        return page(request, "leaderboard.html", board=board(), isnan=math.isnan, e=math.e)
 
     @app.get("/api/ratings")
     def api_ratings() -> JSONResponse:
-        b = board()
-        clean = {**b, "rows": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
-                               for r in b["rows"]],
-                 "agreement": {k: (None if math.isnan(v) else v) for k, v in b["agreement"].items()}}
-        return JSONResponse(clean)
+        return JSONResponse(json_clean(board()))
 
     def is_admin(request: Request) -> bool:
         token = request.cookies.get("arena_admin", "")
@@ -266,11 +302,21 @@ def create_app(settings: ArenaSettings, pool: ModelPool | None = None) -> FastAP
         with factory() as db:
             return Response(votes_csv(service.all_votes(db)), media_type="text/csv")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> RedirectResponse:  # browsers and crawlers ask for it whatever the <link rel=icon> says
+        return RedirectResponse("/static/favicon.svg", status_code=308)
+
     @app.get("/healthz")
     def healthz() -> dict:
-        return {"ok": True, "models": len(pool.names)}
+        return {"ok": True, "models": len(pool.names), "posts_per_minute": settings.posts_per_minute,
+                "requests_per_minute": settings.requests_per_minute}
 
     return app
+
+
+def plural(n: int, word: str) -> str:
+    """'1 session', '2 sessions', '0 sessions'."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 VOTE_FIELDS = ("id", "session_id", "turn_idx", "outcome", "model_a", "model_b", "proxy_a", "proxy_b", "created_at")

@@ -2,7 +2,7 @@
 
     topocl arena serve   [--db URL] [--models CONFIG] [--run-dir DIR] [--host H] [--port P] [--admin-token T]
     topocl arena ratings [--db URL] [--run-dir DIR] [--format json|csv] [--rounds N] [--out FILE]
-    topocl arena loadtest URL [--players N] [--turns T]
+    topocl arena loadtest URL [--players N] [--turns T] [--one-address]
 
 Without --db the database is SQLite at RUN_DIR/arena.db (default run directory runs/arena). Without
 --models the arena serves two scripted demo models. `ratings --format json` prints the leaderboard, the
@@ -16,10 +16,8 @@ import argparse
 import csv
 import io
 import json
-import math
 import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 
@@ -40,7 +38,8 @@ def _serve(args: argparse.Namespace) -> int:
     specs = load_specs(args.models) if args.models else demo_specs()
     token = args.admin_token or os.environ.get("ARENA_ADMIN_TOKEN", "")
     settings = ArenaSettings(db_url=db_url(args), specs=specs, admin_token=token, secure_cookies=args.secure_cookies,
-                             posts_per_minute=args.posts_per_minute, requests_per_minute=args.requests_per_minute)
+                             posts_per_minute=args.posts_per_minute, requests_per_minute=args.requests_per_minute,
+                             catch_rate=args.catch_rate, state_dir=str(Path(args.run_dir) / "learner_state"))
     app = create_app(settings)
     names = ", ".join(s.name for s in specs)
     print(f"arena: {len(specs)} models ({names}); database {settings.db_url}; admin page "
@@ -51,8 +50,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def ratings_export(url: str, rounds: int = 200) -> dict:
     """Leaderboard, proxy agreement and all votes of the database at `url` (plain JSON types)."""
+    from topocl.arena.board import board_data, json_clean
     from topocl.arena.db import open_db
-    from topocl.arena.ratings import leaderboard, proxy_agreement
     from topocl.arena.service import all_votes, as_rating_votes
 
     engine, factory = open_db(url)
@@ -60,13 +59,9 @@ def ratings_export(url: str, rounds: int = 200) -> dict:
         rows = all_votes(db)
     engine.dispose()
     votes = as_rating_votes(rows)
-
-    def clean(x: float | None) -> float | None:
-        return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
-
-    board = [{k: clean(v) if isinstance(v, float) else v for k, v in asdict(r).items()}
-             for r in leaderboard(votes, rounds=rounds)]
-    return {"ratings": board, "agreement": {k: clean(v) for k, v in proxy_agreement(votes).items()},
+    board = json_clean(board_data(votes, sorted({m for v in votes for m in (v.model_a, v.model_b)}), rounds=rounds))
+    return {"ratings": board["rows"], "agreement": board["agreement"], "length_coef": board["length_coef"],
+            "robustness": board["robustness"],
             "votes": [{"id": r.id, "session_id": r.session_id, "turn_idx": r.turn_idx, "outcome": r.outcome,
                        "model_a": r.model_a, "model_b": r.model_b, "proxy_a": r.proxy_a, "proxy_b": r.proxy_b,
                        "created_at": r.created_at.isoformat()} for r in rows]}
@@ -103,7 +98,15 @@ def _ratings(args: argparse.Namespace) -> int:
 def _loadtest(args: argparse.Namespace) -> int:
     from topocl.arena.loadtest import run_load
 
-    print(json.dumps(run_load(args.url, players=args.players, turns=args.turns), indent=2))
+    report = run_load(args.url, players=args.players, turns=args.turns, one_address=args.one_address)
+    print(json.dumps(report, indent=2))
+    if report["requests_refused"]:
+        print(f"loadtest: the server's rate limit ({report['server_posts_per_minute']} POSTs/min per address) refused "
+              f"{report['requests_refused']} requests, {report['votes_refused']} votes were never cast (refused, not "
+              "lost); serve with --posts-per-minute 0 to take the limit off", file=sys.stderr)
+    if report["votes_lost"] or report["errors"]:
+        print(f"loadtest: {report['votes_lost']} acknowledged votes lost, {report['errors']} errors", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -120,8 +123,12 @@ def cli(argv: list[str]) -> int:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--admin-token", default="", help="enables /admin (or set ARENA_ADMIN_TOKEN)")
     s.add_argument("--secure-cookies", action="store_true", help="mark cookies Secure (serving over HTTPS)")
-    s.add_argument("--posts-per-minute", type=int, default=30, help="rate limit on form posts per client address")
-    s.add_argument("--requests-per-minute", type=int, default=600, help="rate limit on all requests per client")
+    s.add_argument("--posts-per-minute", type=int, default=30,
+                   help="rate limit on form posts per client address (0 = none)")
+    s.add_argument("--catch-rate", type=float, default=0.1,
+                   help="share of voted turns shown again with the sides swapped (vote consistency; 0 = none)")
+    s.add_argument("--requests-per-minute", type=int, default=600,
+                   help="rate limit on all requests per client address (0 = none)")
     r.add_argument("--format", choices=("json", "csv"), default="json")
     r.add_argument("--rounds", type=int, default=200, help="bootstrap rounds (sessions resampled)")
     r.add_argument("--out", default="", help="write here instead of stdout")
@@ -129,5 +136,7 @@ def cli(argv: list[str]) -> int:
     lt.add_argument("url")
     lt.add_argument("--players", type=int, default=8)
     lt.add_argument("--turns", type=int, default=3)
+    lt.add_argument("--one-address", action="store_true",
+                    help="all players from one address (default: one loopback address each, like real players)")
     args = p.parse_args(argv)
     return {"serve": _serve, "ratings": _ratings, "loadtest": _loadtest}[args.cmd](args)

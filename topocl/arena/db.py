@@ -27,7 +27,9 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
     select,
+    text,
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -81,6 +83,8 @@ class Turn(Base):
     committed: Mapped[str | None] = mapped_column(String(8), nullable=True)  # a | b | none
     proxy: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # {"a": {...}, "b": {...}}
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    step_a: Mapped[int | None] = mapped_column(Integer, nullable=True)  # v2: learning step that wrote reply_a
+    step_b: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class VoteRow(Base):
@@ -98,15 +102,62 @@ class VoteRow(Base):
     proxy_b: Mapped[float | None] = mapped_column(Float, nullable=True)
     client: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    len_a: Mapped[int | None] = mapped_column(Integer, nullable=True)  # v2: reply lengths (characters)
+    len_b: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class LearnRow(Base):
+    """One learning round of a learner game master on a session (v2)."""
+
+    __tablename__ = "arena_learn"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("arena_session.id", ondelete="CASCADE"), index=True)
+    model: Mapped[str] = mapped_column(String(128))
+    through: Mapped[int] = mapped_column(Integer)  # turns learned after this round
+    step: Mapped[int] = mapped_column(Integer)  # optimizer steps after this round
+    loss_first: Mapped[float] = mapped_column(Float)
+    loss_last: Mapped[float] = mapped_column(Float)
+    seconds: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class CatchRow(Base):
+    """A catch pair (v2): a voted turn shown again with the sides swapped; `repeat` is the second answer mapped
+    back to the original sides (None until answered; "skip" when the player went on without answering)."""
+
+    __tablename__ = "arena_catch"
+    __table_args__ = (UniqueConstraint("session_id", "turn_idx", name="uq_catch_session_turn"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("arena_session.id", ondelete="CASCADE"), index=True)
+    turn_idx: Mapped[int] = mapped_column(Integer)
+    first: Mapped[str] = mapped_column(String(8))  # the vote on the turn: a | b | tie | both_bad
+    repeat: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    client: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+V1_TABLES = {"arena_session", "arena_turn", "arena_vote"}
+V2_COLUMNS = {"arena_turn": ("step_a", "step_b"), "arena_vote": ("len_a", "len_b")}
 
 
 def _v1(conn: Connection) -> None:
-    tables = [ArenaSession.__table__, Turn.__table__, VoteRow.__table__]
-    Base.metadata.create_all(conn, tables=tables, checkfirst=True)
+    """Creates the v1 tables (from today's classes; _v2 then finds its columns present and skips them)."""
+    Base.metadata.create_all(conn, tables=[t for n, t in Base.metadata.tables.items() if n in V1_TABLES],
+                             checkfirst=True)
+
+
+def _v2(conn: Connection) -> None:
+    for table, cols in V2_COLUMNS.items():
+        have = {c["name"] for c in inspect(conn).get_columns(table)}
+        for col in cols:
+            if col not in have:
+                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {col} INTEGER"))
+    Base.metadata.create_all(conn, tables=[LearnRow.__table__, CatchRow.__table__], checkfirst=True)
 
 
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "sessions, turns, votes", _v1),
+    (2, "learning game masters: reply steps, reply lengths, learning rounds, catch pairs", _v2),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

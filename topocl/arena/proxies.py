@@ -83,16 +83,24 @@ def gm_note(world: dict, turn: int) -> str:
     return next((e["text"] for e in world["events"] if e["turn"] == turn and turn > 0), "")
 
 
-def render_prompt(world: dict, turns: list[dict], player_text: str, turn: int) -> str:
-    """The shared history as a transcript the models continue after 'GM:'. `turns` are earlier turns
-    (player_text, committed reply or None); the GM notes of each turn come before its player line."""
-    out = [world["premise"].strip(), ""]
-    for i, t in enumerate(turns):
+def transcript(world: dict, turns: list[dict], start: int = 0) -> list[str]:
+    """Lines of turns[start:]: each turn's GM note (if any), the player line and the committed reply."""
+    out = []
+    for i in range(start, len(turns)):
         if note := gm_note(world, i):
             out.append(f"[GM note: {note}]")
-        out.append(f"Player: {t['player_text']}")
-        if t.get("reply"):
-            out.append(f"GM: {t['reply']}")
+        out.append(f"Player: {turns[i]['player_text']}")
+        if turns[i].get("reply"):
+            out.append(f"GM: {turns[i]['reply']}")
+    return out
+
+
+def render_prompt(world: dict, turns: list[dict], player_text: str, turn: int, context_turns: int = 0) -> str:
+    """The shared history as a transcript the models continue after 'GM:'. `turns` are earlier turns
+    (player_text, committed reply or None); the GM notes of each turn come before its player line.
+    context_turns K > 0 keeps only the premise and the last K turns (a model with a short memory window)."""
+    out = [world["premise"].strip(), ""]
+    out += transcript(world, turns, max(0, len(turns) - context_turns) if context_turns > 0 else 0)
     if note := gm_note(world, turn):
         out.append(f"[GM note: {note}]")
     out += [f"Player: {player_text}", "GM:"]
@@ -134,10 +142,11 @@ def rule_violations(text: str, rules: list[dict]) -> int:
     return bad
 
 
-def score_reply(backend, world: dict, prompt: str, reply: str, turn: int, seed: int) -> dict:
-    """Proxies of one reply (see module docstring)."""
+def score_reply(backend, world: dict, prompt: str, reply: str, turn: int, seed: int, session: str = "") -> dict:
+    """Proxies of one reply (see module docstring); `prompt` is what this model was shown (its context window),
+    `session` selects a learner's weights for the session."""
     probes = active_probes(world, turn, seed)
-    correct = backend.score(in_context(probes, f"{prompt} {reply}")) if probes else []
+    correct = backend.score(in_context(probes, f"{prompt} {reply}"), session) if probes else []
     recall = sum(correct) / len(correct) if correct else None
     violations = rule_violations(reply, world["rules"])
     score = (recall or 0.0) - violations if (correct or world["rules"]) else None

@@ -24,6 +24,7 @@ import numpy as np
 
 OUTCOMES = ("a", "b", "tie", "both_bad")
 SCALE = 400.0 / math.log(10.0)  # natural-log strength -> Elo points
+MIN_SESSIONS = 2  # a session-bootstrap interval needs at least two sessions
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class Vote:
     outcome: str  # a | b | tie | both_bad
     proxy_a: float | None = None  # automatic proxy score of side A's reply (higher = better)
     proxy_b: float | None = None
+    turn: int = 0  # turn index within the session
+    len_a: int | None = None  # reply lengths (characters), for the length covariate
+    len_b: int | None = None
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:
@@ -65,15 +69,19 @@ def _pairs(votes: Sequence[Vote], idx: dict[str, int]) -> dict[tuple[int, int], 
 
 
 def _newton(x: np.ndarray, y: np.ndarray, w: np.ndarray, reg: float, max_iter: int = 100,
-            tol: float = 1e-10) -> np.ndarray:
+            tol: float = 1e-10, n_free: int = 0) -> np.ndarray:
     """Strengths beta [n] maximising sum_k y_k log p_k + (w_k - y_k) log(1 - p_k) - reg/2 |beta|^2,
     p_k = sigmoid(x_k . beta), x [K, n] = e_i - e_j per matchup, y [K] summed scores, w [K] counts.
-    Models without votes keep 0; the mean over the others is 0."""
+    Models without votes keep 0; the mean over the others is 0. The last n_free columns are covariates
+    (e.g. the length difference): always fitted, never centred."""
+    n_models = x.shape[1] - n_free
     present = (np.abs(x) * (w[:, None] > 0)).sum(0) > 0  # [n]
+    present[n_models:] = True
     beta = np.zeros(x.shape[1])
     if not present.any():
         return beta
     x = x[:, present]
+    k = int(present[:n_models].sum())  # model columns come first
     b = np.zeros(x.shape[1])
     eye = np.eye(x.shape[1])
     for _ in range(max_iter):
@@ -83,7 +91,7 @@ def _newton(x: np.ndarray, y: np.ndarray, w: np.ndarray, reg: float, max_iter: i
         step = np.linalg.lstsq(hess, grad, rcond=None)[0]  # minimum norm: the common shift stays unidentified
         step = np.clip(step, -5.0, 5.0)  # damp the first steps of a near-separable fit
         b += step
-        b -= b.mean()
+        b[:k] -= b[:k].mean()
         if float(np.max(np.abs(step))) < tol:
             break
     beta[present] = b
@@ -126,11 +134,69 @@ def bt_fit(votes: Sequence[Vote], models: Iterable[str] | None = None, *, reg: f
     return out
 
 
+def length_z(votes: Sequence[Vote]) -> np.ndarray:
+    """Per vote the relative length difference (len_a - len_b) / (len_a + len_b + 1), divided by its standard
+    deviation over the votes (FastChat's style control); 0 where a length is unknown."""
+    z = np.array([(v.len_a - v.len_b) / (v.len_a + v.len_b + 1.0) if v.len_a is not None and v.len_b is not None
+                  else 0.0 for v in votes])
+    sd = float(z.std())
+    return z / sd if sd > 0 else z
+
+
+def bt_fit_length(votes: Sequence[Vote], models: Iterable[str] | None = None, *, reg: float = 1e-2
+                  ) -> tuple[dict[str, float], float]:
+    """Length-controlled Bradley-Terry: logit P(A beats B) = beta_a - beta_b + gamma * z (z = length_z), fitted
+    jointly per vote. Returns (ratings on the Elo scale at equal lengths, gamma): exp(gamma) is the odds factor
+    a reply one standard deviation relatively longer gets whatever the model."""
+    names = _models(votes, models)
+    idx = {m: i for i, m in enumerate(names)}
+    x = np.zeros((len(votes), len(names) + 1))
+    for r, v in enumerate(votes):
+        x[r, idx[v.model_a]], x[r, idx[v.model_b]] = 1.0, -1.0
+    x[:, -1] = length_z(votes)
+    y = np.array([v.score_a for v in votes])
+    beta = _newton(x, y, np.ones(len(votes)), reg, n_free=1)
+    return _to_elo(beta[:-1], names, np.ones(len(names), dtype=bool), None), float(beta[-1])
+
+
+def top_robustness(votes: Sequence[Vote], models: Iterable[str] | None = None, *, reg: float = 1e-2,
+                   max_drop: int = 200) -> int | None:
+    """How many votes dropping takes until the BT leader is no longer strictly first: greedily, the leader's
+    wins over the current runner-up first, then its other wins, then its ties (an upper bound on the fewest
+    such votes). None with fewer than two rated models, or when max_drop votes do not suffice."""
+    left = list(votes)
+    fit = bt_fit(left, models, reg=reg)
+    rated = sorted((m for m in fit if any(m in (v.model_a, v.model_b) for v in left)), key=lambda m: -fit[m])
+    if len(rated) < 2:
+        return None
+    leader = rated[0]
+    for dropped in range(max_drop + 1):
+        others = [m for m in rated if m != leader]
+        runner = max(others, key=lambda m: fit[m])
+        if fit[runner] >= fit[leader] - 1e-6:  # no longer strictly first
+            return dropped
+        best, key = None, (0.0, False)
+        for i, v in enumerate(left):
+            if leader not in (v.model_a, v.model_b):
+                continue
+            share = v.score_a if v.model_a == leader else 1.0 - v.score_a
+            k = (share, runner in (v.model_a, v.model_b))
+            if share > 0 and k > key:
+                best, key = i, k
+        if best is None or dropped == max_drop:
+            return None
+        del left[best]
+        fit = bt_fit(left, rated, reg=reg)
+    return None
+
+
 def bootstrap_bt(votes: Sequence[Vote], models: Iterable[str] | None = None, *, rounds: int = 200, seed: int = 0,
                  reg: float = 1e-2, anchor: str | None = None, level: float = 0.95
                  ) -> dict[str, tuple[float, float]]:
     """Percentile interval per model from `rounds` BT refits, each on sessions drawn with replacement (all
-    votes of a drawn session come along). A model absent from a resample is left out of that round."""
+    votes of a drawn session come along). A model absent from a resample is left out of that round. A model
+    voted on in fewer than MIN_SESSIONS sessions gets (nan, nan): every resample of one session is that
+    session, so its "interval" would be the point estimate, claiming a certainty one story cannot give."""
     names = _models(votes, models)
     idx = {m: i for i, m in enumerate(names)}
     sessions = sorted({v.session for v in votes})
@@ -155,12 +221,22 @@ def bootstrap_bt(votes: Sequence[Vote], models: Iterable[str] | None = None, *, 
         fit = _to_elo(_newton(x, y, w, reg), names, present, anchor)
         draws[r] = [fit[m] for m in names]
     lo_q, hi_q = 50.0 * (1.0 - level), 50.0 * (1.0 + level)
+    seen = session_counts(votes)
     out = {}
     for i, m in enumerate(names):
         col_i = draws[:, i][~np.isnan(draws[:, i])]
-        out[m] = (float(np.percentile(col_i, lo_q)), float(np.percentile(col_i, hi_q))) if len(col_i) else (
-            math.nan, math.nan)
+        out[m] = (float(np.percentile(col_i, lo_q)), float(np.percentile(col_i, hi_q))) if (
+            len(col_i) and seen.get(m, 0) >= MIN_SESSIONS) else (math.nan, math.nan)
     return out
+
+
+def session_counts(votes: Sequence[Vote]) -> dict[str, int]:
+    """Model -> number of distinct sessions with a vote on it."""
+    seen: dict[str, set[str]] = {}
+    for v in votes:
+        for m in (v.model_a, v.model_b):
+            seen.setdefault(m, set()).add(v.session)
+    return {m: len(s) for m, s in seen.items()}
 
 
 def online_elo(votes: Sequence[Vote], models: Iterable[str] | None = None, *, k: float = 4.0,
@@ -188,6 +264,7 @@ class Row:
     ties: int  # tie and both-bad
     losses: int
     both_bad: int
+    sessions: int = 0  # sessions with a vote on this model (an interval needs MIN_SESSIONS)
 
 
 def leaderboard(votes: Sequence[Vote], models: Iterable[str] | None = None, *, rounds: int = 200, seed: int = 0,
@@ -210,10 +287,11 @@ def leaderboard(votes: Sequence[Vote], models: Iterable[str] | None = None, *, r
             else:
                 t[3] += 1
     rows = []
+    seen = session_counts(votes)
     for m in names:
         lo, hi = ci[m]
         above = sum(1 for o in names if o != m and not math.isnan(ci[o][0]) and not math.isnan(hi) and ci[o][0] > hi)
-        rows.append(Row(m, bt[m], lo, hi, elo[m], 1 + above, *tally[m]))
+        rows.append(Row(m, bt[m], lo, hi, elo[m], 1 + above, *tally[m], sessions=seen.get(m, 0)))
     return sorted(rows, key=lambda r: (-r.rating, r.model))
 
 

