@@ -258,3 +258,27 @@ def test_evaluator_headline_rows_hold_only_probes_without_shortcuts():
     # the report's readers (matrices of metric acc) see the headline only
     (R,) = matrices(rows, "retain", "acc").values()
     assert [x if x == x else None for x in R[1]] == [value.get((j, "retain", "acc")) for j in range(3)]
+
+
+def test_the_runner_evaluates_the_labels_of_the_order_it_trains(monkeypatch, tmp_path):
+    """continual.StreamRun at order 1: its tasks, and the probes its Evaluator scores, carry the labels of the
+    order it trains (the oracle above), not the generation order's."""
+    from topocl import continual
+
+    tok = Tokenizer.train(synthetic_corpus(100, 0), 300)
+
+    def tiny(self):
+        torch.manual_seed(0)
+        cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=1, d_model=32, n_head=2, n_kv_head=1, max_seq_len=64)
+        return GPT(cfg), tok, 64, [], None
+
+    monkeypatch.setattr(continual.StreamRun, "_load", tiny)
+    opts = {"n_worlds": 10, "global_overwrites": 2, "texts_per_task": 2}
+    cfg = continual.ContinualConfig(init="unused", stream_options=opts, orders=[1])
+    run = continual.StreamRun(cfg, 0, 1, tmp_path)
+    gen = build_stream("worlds", opts)
+    assert [t.name for t in run.tasks] == [gen[i].name for i in order_permutation(10, 1)]
+    owner = dict(zip([id(p) for p in run.evaluate.probes], run.evaluate.owner))
+    for k, t in enumerate(run.tasks):
+        for p in t.probes:
+            assert owner[id(p)] == k and p.kind == worlds_expected_kind(run.tasks, k, p)
