@@ -39,7 +39,8 @@ def test_rows_are_tidy_and_cover_the_matrix(pretrained, tmp_path):
     assert set(mats) == {("dense-vanilla", 0, 0), ("dense-vanilla", 1, 0)}
     assert all(len(R) == 4 and len(R[0]) == 3 for R in mats.values())  # row -1 + 3 tasks, 3 tasks
     assert {r["kind"] for r in rows} == {"retain", "update", "base"}
-    assert {r["metric"] for r in rows if r["kind"] == "base"} == {"acc", "em", "nll", "bpb"}
+    assert {r["metric"] for r in rows if r["kind"] == "base"} == {"acc", "acc_sum", "em", "nll", "bpb", "acc@seen",
+                                                                  "acc@all"}
     cost = json.loads((tmp_path / "c" / "cost.json").read_text())
     assert cost["trainable_params"] > 0 and len(cost["runs"]) == 2 and cost["tokens"] == 3 * 3 * 4 * 64  # mean per run
     meta = json.loads((tmp_path / "c" / "meta.json").read_text())

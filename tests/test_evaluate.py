@@ -46,14 +46,40 @@ def test_evaluator_exact_on_hand_set_logits():
     assert s1.correct and not s2.correct and s1.best == s2.best == " c"
     assert s1.nll == pytest.approx(-(lp_space + lp_c), abs=1e-5)
     assert s2.nll == pytest.approx(-(lp_space + lp_d), abs=1e-5)
-    assert s1.margin == pytest.approx(lp_c - lp_d, abs=1e-5) and s2.margin == pytest.approx(lp_d - lp_c, abs=1e-5)
+    assert s1.margin == pytest.approx((lp_c - lp_d) / 2, abs=1e-5)  # per-token means of 2-token candidates
+    assert s2.margin == pytest.approx((lp_d - lp_c) / 2, abs=1e-5) and s1.margin_sum == pytest.approx(lp_c - lp_d)
     assert s1.em and not s2.em and s1.n_answer_tokens == 2  # greedy after "ab" emits " c"
     acc = probe_accuracy([s1, s2])
-    assert acc["retain"] == {"acc": 1.0, "em": 1.0, "nll": pytest.approx(s1.nll), "n": 1}
+    assert acc["retain"] == {"acc": 1.0, "acc_sum": 1.0, "em": 1.0, "nll": pytest.approx(s1.nll), "n": 1}
     assert acc["update"]["acc"] == 0.0 and acc["update"]["em"] == 0.0
     # exact_match=False skips the greedy check only
     f1, f2 = score_probes(m, CharTok(), probes, device="cpu", exact_match=False)
     assert (f1.correct, f2.correct, f1.em, f2.em) == (True, False, False, False) and f1.nll == s1.nll
+
+
+def test_candidates_are_ranked_by_mean_log_likelihood_per_token_and_the_sum_is_kept():
+    """Hand-set logits where the two rules disagree: the 2-token " c" has the larger summed log-likelihood, the
+    3-token " dd" the larger mean per token; acc follows the mean, acc_sum the sum (which favours short answers)."""
+    m = Table(28)
+    with torch.no_grad():
+        m.w[2, 27] = 10.0  # "b" -> " " almost surely
+        m.w[27, 3], m.w[27, 4] = 1.0, 0.5  # after " ": "c" a little likelier than "d"
+        m.w[4, 4] = 8.0  # "d" -> "d" almost surely
+    lp = torch.log_softmax(m.w.detach(), -1)
+    lp_c = float(lp[2, 27] + lp[27, 3])  # log p(" c" | "ab")
+    lp_dd = float(lp[2, 27] + lp[27, 4] + lp[4, 4])  # log p(" dd" | "ab")
+    assert lp_c > lp_dd and lp_c / 2 < lp_dd / 3  # the premise: sum and mean disagree
+    short, long = score_probes(m, CharTok(), [Probe("ab", " c", [" c", " dd"], id="short"),
+                                              Probe("ab", " dd", [" c", " dd"], id="long")], device="cpu")
+    assert (short.correct, short.correct_sum, long.correct, long.correct_sum) == (False, True, True, False)
+    assert long.best == short.best == " dd" and long.n_answer_tokens == 3 and short.n_answer_tokens == 2
+    assert long.margin == pytest.approx(lp_dd / 3 - lp_c / 2, abs=1e-5)
+    assert short.margin_sum == pytest.approx(lp_c - lp_dd, abs=1e-5) and long.margin_sum == -short.margin_sum
+    assert long.nll == pytest.approx(-lp_dd, abs=1e-5) and long.answer_logprob == pytest.approx(lp_dd, abs=1e-5)
+    acc = probe_accuracy([short, long], key=lambda s: "all")["all"]
+    assert (acc["acc"], acc["acc_sum"]) == (0.5, 0.5)
+    acc = probe_accuracy([long], key=lambda s: "long")["long"]
+    assert (acc["acc"], acc["acc_sum"]) == (1.0, 0.0)
 
 
 def test_exact_match_needs_every_answer_token_greedy():

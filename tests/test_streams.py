@@ -57,7 +57,7 @@ def test_worlds_controls_shared_attributes_vocab_and_global_overwrites():
         assert any(x[0] == s and x[1] == r and x[2] != v for x in ts[j].meta["rules"])
         assert any("everywhere" in x or "every world" in x or "all the worlds" in x for x in ts[k].texts)
         earlier = [p for p in ts[j].probes if (p.tags["subject"], p.tags["relation"]) == (s, r)]
-        assert len(earlier) == 2 and all(p.kind == "update" for p in earlier)  # overwriting is not forgetting
+        assert len(earlier) == 5 and all(p.kind == "update" for p in earlier)  # overwriting is not forgetting
     for k, t in enumerate(ts):
         for p in t.probes:
             w, s, r, v = p.tags["world"], p.tags["subject"], p.tags["relation"], p.answer.strip()
@@ -68,12 +68,13 @@ def test_worlds_controls_shared_attributes_vocab_and_global_overwrites():
 
 def test_campaign_sessions_delays_and_moves():
     ts = build_stream("campaign", {"sessions": 6, "changes": 2, "seed": 1})
-    assert len(ts) == 6 and sum(p.tags.get("type") == "rule" for p in ts[0].probes) == 6  # 3 rules x 2 forms
+    assert len(ts) == 6 and sum(p.tags.get("type") == "rule" for t in ts for p in t.probes) == 6  # 3 rules x 2 forms
     assert all(p.tags["paraphrase"] in ("seen", "unseen") for t in ts for p in t.probes)
     for s, t in enumerate(ts):
         assert all(p.introduced_at == s for p in t.probes)
-        for rule in ("magic is paid for with memories.", "spoken in rhyme.", "strongest at dawn."):
-            assert any(rule in x for x in t.texts)  # the stable world rules hold in every session
+    for rule in ("magic is paid for with memories.", "spoken in rhyme.", "strongest at dawn."):
+        told = [s for s, t in enumerate(ts) if any(rule in x for x in t.texts)]  # one session teaches each rule
+        assert len(told) == 1 and all(rule in x for x in ts[told[0]].texts)
     moves = [p for t in ts for p in t.probes if "moved_from" in p.tags]
     assert len(moves) == 4 and all(int(p.tags["moved_from"]) < p.introduced_at for p in moves)
     assert sum(p.kind == "update" for t in ts for p in t.probes) == 4  # the two moved items' old places
@@ -143,24 +144,31 @@ def test_schema_documents_what_the_validator_checks():
 def test_stream_show_cli(capsys):
     assert cli(["show", "worlds", "n_worlds=3", "global_overwrites=1"]) == 0
     out = capsys.readouterr().out
-    assert "3 tasks, 72 texts" in out and "32 probes (retain 30, update 2)" in out and "In " in out
-    assert cli(["show", "campaign", "sessions=2", "--time"]) == 0
-    assert re.search(r"scored all 3\d probes \(2 tasks\) with the tiny CPU model in [\d.]+ s", capsys.readouterr().out)
+    # 3 worlds x 5 rules and 1 global rule, each 1 seen + 4 unseen probes; the overwritten rule's 5 are updates
+    assert "3 tasks, 72 texts" in out and "80 probes (retain 75, update 5)" in out and "In " in out
+    assert "report groups: headline 64, seen 16; headline retain probes per task: 16..24" in out
+    assert cli(["show", "campaign", "sessions=2", "--time", "--tokens"]) == 0
+    out = capsys.readouterr().out  # 2 sessions x 6 facts x 4 questions x 2 forms + 2 rules x 2 forms + 1 move x 2
+    assert re.search(r"scored all 102 probes \(2 tasks\) with the tiny CPU model in [\d.]+ s", out)
+    # the 'when' (nights) and rule probes: 12 x 2 + 2 x 2
+    assert "probes whose candidates differ in token count (tiny demo tokenizer): 28 of 102 (27.5%)" in out
     with pytest.raises(ConfigError, match="sessions"):
         cli(["show", "campaign", "session=2"])
 
 
-def test_all_probes_of_the_default_50_world_stream_score_in_under_30_s():
+def test_all_probes_of_the_default_50_world_stream_score_in_under_60_s():
+    """1250 probes (5 per rule since the unseen paraphrases became the headline); 30 s for the 500 before."""
     tasks = build_stream("worlds", {})
-    assert len(tasks) == 50 and all(len(t.probes) >= 10 for t in tasks)
+    assert len(tasks) == 50 and all(len(t.probes) == 25 for t in tasks)
     secs, n = time_probes(tasks)
-    assert n == sum(len(t.probes) for t in tasks) and secs < 30
+    assert n == sum(len(t.probes) for t in tasks) == 1250 and secs < 60
 
 
 def test_a_model_trained_on_one_world_knows_it_and_not_an_unseen_one():
     """Trained on world 0's texts only: world 0's probes (both paraphrases) well above chance, the five unseen
     worlds' probes about attributes world 0 never mentions near chance (chance = mean 1/len(candidates))."""
-    tasks = build_stream("worlds", {"n_worlds": 6, "rules_per_world": 10, "texts_per_task": 48, "seed": 6})
+    tasks = build_stream("worlds", {"n_worlds": 6, "rules_per_world": 10, "texts_per_task": 48, "seed": 6,
+                                    "unseen_probes": 1})
     seen, unseen = tasks[0], tasks[1:]
     tok = Tokenizer.train([x for t in tasks for x in t.texts] + synthetic_corpus(200, 0), 600)
     rows = pack_documents(tok.encode_batch(seen.texts), 64, tok.bos_id)
@@ -181,5 +189,7 @@ def test_a_model_trained_on_one_world_knows_it_and_not_an_unseen_one():
     assert len(seen.probes) == 20 and len(other) >= 60
     acc_seen, chance_seen = accuracy(seen.probes)
     acc_other, chance_other = accuracy(other)
-    assert acc_seen >= 0.9 and acc_seen > chance_seen + 0.5, (acc_seen, chance_seen)
-    assert acc_other < chance_other + 0.2, (acc_other, chance_other)  # measured 1.00 (0.24) vs 0.33 (0.26)
+    assert acc_seen >= 0.7 and acc_seen > chance_seen + 0.5, (acc_seen, chance_seen)
+    # measured 0.75 (chance 0.18) vs 0.22 (0.18); 1.00 (0.24) before the stream stopped sampling two-valued
+    # relations and ranking turned per-token
+    assert acc_other < chance_other + 0.2, (acc_other, chance_other)

@@ -354,7 +354,7 @@ def test_runner_pieces_accept_a_surgered_model(tmp_path):
         assert rows.shape[1] == 33 and int(rows.max()) < tok.vocab_size
         evaluate = Evaluator(tasks, [], heldout_rows(scfg, tok), tok, torch.device("cpu"), "auto")
         out = evaluate(model, {"run": arm, "seed": 0, "order": 0}, -1, 0)
-        assert {r["metric"] for r in out} == {"acc", "em", "nll", "bpb"}
+        assert {r["metric"] for r in out} == {"acc", "acc_sum", "em", "nll", "bpb", "acc@seen", "acc@all"}
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         before = snapshot(model)
         train(model, steps=1)

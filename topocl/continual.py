@@ -6,7 +6,10 @@ probes and held-out base bits/byte) after it, appending tidy rows to results.jso
 
     {"run", "seed", "order", "after_task", "step", "eval_task", "kind", "metric", "value"}
 
-eval_task is the probe's task position in this run's training order (-1 for base knowledge). The
+eval_task is the probe's task position in this run's training order (-1 for base knowledge); the stream
+labels retain / update for that order (topocl.tasks.streams.build_stream). Metric `acc` (and acc_sum, em,
+nll) is the headline: probes in no shortcut group; `acc@seen`, `acc@binary`, `acc@retaught` and `acc@all`
+score those groups and every probe (topocl.tasks.base.probe_groups). The
 three axes compose: `adapter` (none | lora), `strategies` (vanilla, ewc, replay, dream; e.g.
 [ewc, replay]) and the ACFT role policy `train.roles` (lr_scale, weight_decay, anchor). Reference
 runs: `reference=joint` (for task j, train the initial model on tasks 0..j together) and
@@ -51,6 +54,7 @@ from topocl.registry import STRATEGIES
 from topocl.strategies import DreamConfig, EWCConfig, ReplayConfig
 from topocl.strategies.base import StrategyContext
 from topocl.tasks import Probe, Task
+from topocl.tasks.base import order_permutation, probe_groups
 from topocl.tasks.streams import build_stream
 from topocl.train import NonFiniteLoss, autocast_for, evaluate_loss, resolve_device, train_steps
 
@@ -88,10 +92,9 @@ class ContinualConfig:
 
 
 def task_order(n: int, order: int) -> list[int]:
-    """Order 0 is the stream's own; order k > 0 is a permutation seeded by k."""
-    if order == 0:
-        return list(range(n))
-    return torch.randperm(n, generator=torch.Generator().manual_seed(10_000 + order)).tolist()
+    """Order 0 is the stream's own; order k > 0 is a permutation seeded by k, not constrained by a stream's task
+    prerequisites: build the stream with `build_stream(name, options, order)` for the tasks and labels trained."""
+    return order_permutation(n, order)
 
 
 def task_rows(task: Task, tok, seq_len: int) -> Tensor:
@@ -128,16 +131,20 @@ class Evaluator:
         model.eval()
         with autocast_for(self.device, self.dtype):
             scores = score_probes(model, self.tok, self.probes, device=self.device)
-        groups: dict[tuple[int, str], list] = {}
-        for owner, s in zip(self.owner, scores):
-            groups.setdefault((owner, s.kind), []).append(s)
+        groups: dict[tuple[int, str, str], list] = {}  # (task, kind, "" = headline | @group) -> scores
+        for owner, p, s in zip(self.owner, self.probes, scores):
+            for g in [f"@{g}" for g in probe_groups(p)] or [""]:
+                groups.setdefault((owner, s.kind, g), []).append(s)
+            groups.setdefault((owner, s.kind, "@all"), []).append(s)
         rows = []
-        for (owner, kind), ss in sorted(groups.items()):
-            for metric, value in (("acc", sum(s.correct for s in ss) / len(ss)),
-                                  ("em", sum(s.em for s in ss) / len(ss)),
-                                  ("nll", sum(s.nll for s in ss) / len(ss))):
+        for (owner, kind, g), ss in sorted(groups.items()):
+            metrics = [("acc", [s.correct for s in ss])]
+            if not g:
+                metrics += [("acc_sum", [s.correct_sum for s in ss]), ("em", [s.em for s in ss]),
+                            ("nll", [s.nll for s in ss])]
+            for metric, vals in metrics:
                 rows.append({**ident, "after_task": after_task, "step": step, "eval_task": owner, "kind": kind,
-                             "metric": metric, "value": float(value)})
+                             "metric": metric + g, "value": float(sum(vals) / len(vals))})
         if self.base_val is not None:
             ev = evaluate_loss(model, self.base_val, self.tok.token_bytes(), batch_size=32, max_batches=0,
                                device=self.device, dtype=self.dtype)
@@ -161,8 +168,7 @@ class StreamRun:
         torch.manual_seed(seed)  # a surgery arm's LoRA init draws here
         self.model, self.tok, self.seq_len, base_probes, base_val = self._load()
         torch.manual_seed(seed)
-        tasks = build_stream(cfg.stream, cfg.stream_options)
-        self.tasks = [tasks[i] for i in task_order(len(tasks), order)]
+        self.tasks = build_stream(cfg.stream, cfg.stream_options, order)  # training order, labelled for it
         self.rows = [task_rows(t, self.tok, self.seq_len) for t in self.tasks]
         self.evaluate = Evaluator(self.tasks, base_probes, base_val, self.tok, self.device, cfg.dtype)
         self.base_val = base_val

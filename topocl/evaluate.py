@@ -1,9 +1,12 @@
-"""Probe evaluation (candidate ranking by total log-likelihood, greedy exact match, answer NLL) and
+"""Probe evaluation (candidate ranking by mean log-likelihood per token, greedy exact match, answer NLL) and
 held-out perplexity / bits per byte.
 
 Probes: one batched teacher-forced forward per chunk of (probe, candidate) sequences [bos] + prompt + candidate,
 right-padded (the model is causal, so padding after a sequence never changes its logits):
-    correct  the answer's total log-likelihood is strictly the highest among the candidates (ties are wrong)
+    correct      the answer's mean log-likelihood per candidate token is strictly the highest among the
+                 candidates (ties are wrong). Per-token means do not favour candidates with fewer tokens, as
+                 summed scores do (a 3-token answer pays three log-probabilities, a 1-token one only one).
+    correct_sum  the same ranking by total (summed) log-likelihood, kept as a second reported metric (acc_sum)
     em       greedy decoding after the prompt reproduces the answer's tokens; exact without generating,
              because greedy decoding emits the answer iff every answer token is the argmax given the prompt
              and the answer tokens before it
@@ -32,13 +35,15 @@ from topocl.tasks.base import Probe
 class ProbeScore:
     id: str
     kind: str
-    correct: bool  # candidate ranking by total log-likelihood
+    correct: bool  # candidate ranking by mean log-likelihood per token
     em: bool  # greedy exact match of the answer (False when scored with exact_match=False)
     nll: float  # -log p(answer | prompt), nats, summed over answer tokens
-    answer_logprob: float
-    best: str  # the highest-scoring candidate
-    margin: float = 0.0  # answer log-likelihood minus the best other candidate's (> 0 iff correct)
+    answer_logprob: float  # summed over the answer's tokens
+    best: str  # the highest-scoring candidate (per-token mean)
+    margin: float = 0.0  # answer's mean log-likelihood per token minus the best other candidate's (> 0 iff correct)
     n_answer_tokens: int = 0
+    correct_sum: bool = False  # candidate ranking by summed log-likelihood (length-biased; reported as acc_sum)
+    margin_sum: float = 0.0  # the same margin on summed log-likelihoods (> 0 iff correct_sum)
 
 
 def _byte_alphabet() -> dict[str, int]:
@@ -155,24 +160,31 @@ def score_probes(model: nn.Module, tokenizer, probes: list[Probe], *, batch_size
     scores = []
     for i, p in enumerate(probes):
         ks = per_probe[i]
-        vals = [float(logp[k]) for k in ks]
+        total = [float(logp[k]) for k in ks]
+        mean = [v / seqs[k][1] for v, k in zip(total, ks)]  # per candidate token
         a = p.candidates.index(p.answer)
-        others = [v for j, v in enumerate(vals) if j != a]
-        margin = vals[a] - max(others) if others else math.inf
-        best = max(range(len(vals)), key=lambda j: vals[j])
-        scores.append(ProbeScore(id=p.id, kind=p.kind, correct=margin > 0, em=bool(greedy[ks[a]]), nll=-vals[a],
-                                 answer_logprob=vals[a], best=p.candidates[best], margin=margin,
-                                 n_answer_tokens=seqs[ks[a]][1]))
+        margin, margin_sum = _margin(mean, a), _margin(total, a)
+        best = max(range(len(mean)), key=lambda j: mean[j])
+        scores.append(ProbeScore(id=p.id, kind=p.kind, correct=margin > 0, em=bool(greedy[ks[a]]), nll=-total[a],
+                                 answer_logprob=total[a], best=p.candidates[best], margin=margin,
+                                 n_answer_tokens=seqs[ks[a]][1], correct_sum=margin_sum > 0, margin_sum=margin_sum))
     return scores
+
+
+def _margin(vals: list[float], a: int) -> float:
+    """vals[a] minus the best other value (inf when there is no other candidate)."""
+    others = [v for j, v in enumerate(vals) if j != a]
+    return vals[a] - max(others) if others else math.inf
 
 
 def probe_accuracy(scores: list[ProbeScore], key: Callable[[ProbeScore], str] = lambda s: s.kind
                    ) -> dict[str, dict[str, float]]:
-    """Group -> {acc, em, nll, n}; groups by probe kind unless `key` says otherwise."""
+    """Group -> {acc, acc_sum, em, nll, n}; groups by probe kind unless `key` says otherwise."""
     groups: dict[str, list[ProbeScore]] = {}
     for s in scores:
         groups.setdefault(key(s), []).append(s)
-    return {g: {"acc": sum(s.correct for s in ss) / len(ss), "em": sum(s.em for s in ss) / len(ss),
+    return {g: {"acc": sum(s.correct for s in ss) / len(ss), "acc_sum": sum(s.correct_sum for s in ss) / len(ss),
+                "em": sum(s.em for s in ss) / len(ss),
                 "nll": sum(s.nll for s in ss) / len(ss), "n": len(ss)} for g, ss in sorted(groups.items())}
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import time
 import typing
 from collections import Counter
+from collections.abc import Sequence
 
 from topocl.config import from_dict, to_dict
 from topocl.registry import STREAMS
 from topocl.tasks import campaign, jsonl, worlds  # noqa: F401  (register the streams)
-from topocl.tasks.base import Task
+from topocl.tasks.base import Task, apply_order, order_permutation, probe_groups
 
 
 def stream_config(name: str, options: dict | None = None) -> object:
@@ -19,20 +21,43 @@ def stream_config(name: str, options: dict | None = None) -> object:
     return from_dict(cls, options or {}, f"stream_options of '{name}'")
 
 
-def build_stream(name: str, options: dict | None = None) -> list[Task]:
-    """Tasks of stream `name`; unknown option keys are a ConfigError naming the valid ones."""
-    return STREAMS.get(name)(stream_config(name, options))
+def build_stream(name: str, options: dict | None = None, order: int | Sequence[int] = 0) -> list[Task]:
+    """Tasks of stream `name` in training order, labelled (retain / update, introduced_at) for that order.
+
+    `order` is a seeded order (0 = the stream's own, k > 0 = a permutation seeded by k, constrained to what the
+    stream allows: topocl.tasks.base.order_permutation) or an explicit permutation of the generation indices
+    (refused when it trains a task before one it builds on). A stream whose builder takes no order (jsonl:
+    labels written by the user for the file order) is permuted only when it has no update probes, whose
+    labels a new order could falsify. Unknown option keys are a ConfigError naming the valid ones."""
+    build = STREAMS.get(name)
+    cfg = stream_config(name, options)
+    tasks = build(cfg)
+    if isinstance(order, int):
+        if order == 0:
+            return tasks
+        order = order_permutation(len(tasks), order, [t.meta.get("after", []) for t in tasks])
+    order = list(order)
+    if "order" in inspect.signature(build).parameters:
+        return build(cfg, order)
+    if order != list(range(len(tasks))) and any(p.kind == "update" for t in tasks for p in t.probes):
+        raise ValueError(f"stream {name!r}: its update labels were written for its own task order; another order "
+                         f"({order}) could make them false, so only order 0 is allowed (or drop kind update)")
+    return apply_order(tasks, order, name)
 
 
 def summary(tasks: list[Task], examples: int = 2) -> str:
     probes = [p for t in tasks for p in t.probes]
     kinds = Counter(p.kind for p in probes)
     paraphrase = Counter(p.tags.get("paraphrase", "-") for p in probes)
+    groups = Counter(g for p in probes for g in probe_groups(p) or ["headline"])
+    headline = [sum(p.kind == "retain" and not probe_groups(p) for p in t.probes) for t in tasks]
     lines = [f"{len(tasks)} tasks, {sum(len(t.texts) for t in tasks)} texts "
              f"({sum(len(x) for t in tasks for x in t.texts) / 1000:.0f} kB), {len(probes)} probes "
              f"({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})",
              f"probes per task: {min(len(t.probes) for t in tasks)}..{max(len(t.probes) for t in tasks)}; "
-             f"paraphrase: {', '.join(f'{k} {v}' for k, v in sorted(paraphrase.items()))}", ""]
+             f"paraphrase: {', '.join(f'{k} {v}' for k, v in sorted(paraphrase.items()))}",
+             f"report groups: {', '.join(f'{k} {v}' for k, v in sorted(groups.items()))}; headline retain probes "
+             f"per task: {min(headline)}..{max(headline)}", ""]
     for j, t in enumerate(tasks[:examples]):
         lines.append(f"task {j}: {t.name} — {len(t.texts)} texts, {len(t.probes)} probes")
         lines.append(f"  text:  {t.texts[0][:200]}")
@@ -45,6 +70,16 @@ def summary(tasks: list[Task], examples: int = 2) -> str:
         p = next(p for p in probes if p.kind == kind)
         lines.append(f"example [{kind}] (task {p.introduced_at}) {p.prompt!r} -> {p.answer!r}  tags {p.tags}")
     return "\n".join(lines)
+
+
+def token_count_spread(tasks: list[Task], tok) -> tuple[int, int]:
+    """(probes whose candidates differ in token count after their prompt, probes) under tokenizer `tok`."""
+    probes = [p for t in tasks for p in t.probes]
+    differ = 0
+    for p in probes:
+        prompt = tok.encode(p.prompt)
+        differ += len({len(tok.encode(p.prompt + c)) - len(prompt) for c in p.candidates}) > 1
+    return differ, len(probes)
 
 
 def time_probes(tasks: list[Task]) -> tuple[float, int]:
@@ -72,6 +107,7 @@ def cli(argv: list[str]) -> int:
     ap.add_argument("name", help=f"stream: {', '.join(STREAMS.names())}")
     ap.add_argument("options", nargs="*", help="stream options, e.g. n_worlds=10 seed=3")
     ap.add_argument("--time", action="store_true", help="time scoring all probes with the tiny CPU model")
+    ap.add_argument("--tokens", action="store_true", help="count probes whose candidates differ in token count")
     args = ap.parse_args(argv)
     opts = dict(o.split("=", 1) for o in args.options if "=" in o)
     bad = [o for o in args.options if "=" not in o]
@@ -81,6 +117,14 @@ def cli(argv: list[str]) -> int:
     print(f"stream {args.name}: {', '.join(f'{k}={v!r}' for k, v in to_dict(cfg).items())}")
     tasks = STREAMS.get(args.name)(cfg)
     print(summary(tasks))
+    if args.tokens:
+        from topocl.tokenizer import Tokenizer
+        from topocl.world import synthetic_corpus
+
+        tok = Tokenizer.train(synthetic_corpus(2000, 0), 2048)  # like the demo's: base corpus only, 2048 tokens
+        differ, n = token_count_spread(tasks, tok)
+        print(f"\nprobes whose candidates differ in token count (tiny demo tokenizer): {differ} of {n} "
+              f"({differ / n:.1%})")
     if args.time:
         secs, n = time_probes(tasks)
         print(f"\nscored all {n} probes ({len(tasks)} tasks) with the tiny CPU model in {secs:.1f} s")
