@@ -255,10 +255,11 @@ class StreamRun:
         from topocl.data import prepare_data
 
         data = prepare_data(pcfg.data, pcfg.seed, tokenizer=tok)  # same split as pretraining
+        pool = data.train if pool_needed else None  # the pretraining *training* split, never data.val
         if not cfg.eval_base:
-            return model, tok, pcfg.data.seq_len, [], None, data.train
+            return model, tok, pcfg.data.seq_len, [], None, pool
         probes = base_probes() if pcfg.data.corpus == "synthetic" else []
-        return model, tok, pcfg.data.seq_len, probes, data.val[: cfg.base_rows], data.train
+        return model, tok, pcfg.data.seq_len, probes, data.val[: cfg.base_rows], pool
 
     def training_sources(self) -> dict[str, Tensor | None]:
         """Every token row this run trains on or may train on: task rows, the base mixing pool, strategy memory."""
