@@ -152,6 +152,13 @@ def test_shared_model_level_tensors_have_their_own_roles(tiny_cfg):
     assert policy_for("norm.attn", cfg).lr_scale == 0  # a policy on "norm" still covers every norm
 
 
+def test_params_lists_which_pathway_each_role_belongs_to(capsys):
+    assert main(["params", str(CONFIGS / "pretrain/tiny-split.yaml")]) == 0
+    lines = {ln.split()[0]: ln.split()[-1] for ln in capsys.readouterr().out.splitlines()[1:] if ln.startswith("  ")}
+    assert lines["attn.dense_heads"] == "slow" and lines["attn.sparse_heads"] == "fast"
+    assert all(lines[r] == "shared" for r in SHARED_ROLES)
+
+
 # ----------------------------------------------------------------------------- item 7: the 2x2
 
 
