@@ -91,7 +91,7 @@ def test_every_parameter_has_exactly_one_role(kind):
     m = GPT(cfg(kind))
     roles = m.param_roles()
     assert set(roles) == {n for n, _ in m.named_parameters()}
-    assert set(roles.values()) - {"embed", "head", "norm"} == ROLES[kind]
+    assert set(roles.values()) - {"embed", "head", "norm.attn", "norm.ffn", "norm.final"} == ROLES[kind]
     assert sum(m.params_by_role().values()) == m.num_params()
 
 

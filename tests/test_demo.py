@@ -1,4 +1,5 @@
-"""`topocl demo --quick`: the demo pipeline end to end (pretrain two models, six arms, one report)."""
+"""`topocl demo --quick`: the demo pipeline end to end (pretrain two models, six arms: the 2x2 of topology and role
+policy, dense-sota, dense-lora; one report)."""
 
 import pytest
 
@@ -10,7 +11,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     report = (tmp_path / "report" / "report.md").read_text()
-    for run in ("dense-vanilla", "dense-ewc", "dense-replay", "dense-lora", "split-vanilla", "split-acft"):
+    for run in ("dense-vanilla", "dense-acft", "split-vanilla", "split-acft", "dense-sota", "dense-lora"):
         assert f"| {run} |" in report and run in out
     assert (tmp_path / "report" / "accuracy_matrix.png").is_file() and "report:" in out
     assert "H1/H2/H3 evidence" in report and "analysing split-acft: graft, routing, sparsity" in out

@@ -40,7 +40,8 @@ def test_every_parameter_has_exactly_one_role(tiny_cfg):
     m = GPT(tiny_cfg)
     roles = m.param_roles()
     assert set(roles) == {n for n, _ in m.named_parameters()}
-    assert set(roles.values()) == {"embed", "head", "norm", "attn.q", "attn.k", "attn.v", "attn.o", "mlp"}
+    assert set(roles.values()) == {"embed", "head", "norm.attn", "norm.ffn", "norm.final", "attn.q", "attn.k",
+                                   "attn.v", "attn.o", "mlp"}
     assert sum(m.params_by_role().values()) == m.num_params()
 
 

@@ -26,6 +26,7 @@ V = 6  # vocabulary of the toy linear models
 
 
 def ctx(**kw) -> StrategyContext:
+    kw.setdefault("stream_rows", 100)
     return StrategyContext(device=CPU, seed=kw.pop("seed", 0), seq_len=16, batch_size=8, **kw)
 
 
@@ -215,7 +216,7 @@ def test_replay_mixes_the_exact_ratio_deterministically_and_resumes_identically(
     s2.load_state_dict(state)
     s2.before_task(None, batch, 1)
     assert torch.equal(s2.mix(batch, 3), mixed)
-    with pytest.raises(ConfigError, match="base-corpus rows"):
+    with pytest.raises(ConfigError, match="base-corpus training rows"):
         Replay(ReplayConfig(base_ratio=0.1), ctx())
     with pytest.raises(ConfigError, match="replay.ratio"):
         Replay(ReplayConfig(ratio=0.8, base_ratio=0.4), ctx(base_rows=batch))

@@ -50,7 +50,7 @@ def test_grad_accumulation_matches_full_batch(tiny_cfg):
 def test_one_param_group_per_role_and_frozen_roles_have_no_state(tiny_cfg):
     m, opt, cfg = make(tiny_cfg, roles={"attn": RolePolicy(lr_scale=0.0), "mlp": RolePolicy(lr_scale=0.5)})
     roles = {g["role"] for g in opt.param_groups}
-    assert roles == {"embed", "head", "norm", "mlp"}  # attn.q/k/v/o frozen by the "attn" prefix
+    assert roles == {"embed", "head", "norm.attn", "norm.ffn", "norm.final", "mlp"}  # attn.* frozen by the prefix
     assert {g["role"]: g["lr_scale"] for g in opt.param_groups}["mlp"] == 0.5
     frozen = {n: p.detach().clone() for n, p in m.named_parameters() if ".attn." in n}
     run(m, opt, cfg, range(3))

@@ -17,6 +17,14 @@ runs: `reference=joint` (for task j, train the initial model on tasks 0..j toget
 
     RUN/ config.yaml  results.jsonl  cost.json  seed{S}-order{O}/{metrics.jsonl, checkpoints/}
 
+No leakage: the held-out base rows scored for bits/byte come from the pretraining run's validation split (a
+surgery arm: the first eval_docs documents of eval_text); replay's base mixing draws from the pretraining
+*training* split (a surgery arm: train_text, else eval_text's documents after eval_docs). Every training
+source (task rows, the base mixing pool, every strategy's memory: replay buffer, dreams) is checked against
+every held-out evaluation row when the run starts and after every task (`check_disjoint`); a shared row stops
+the run with an error naming both. `split_dense=true` loads a dense-attention model as a split model at full
+budget (same function, heads partitioned into the split presets' groups) so head-group role policies apply.
+
 Opt-in analysis (`analysis.*`, topocl/analysis): telemetry=true adds seed{S}-order{O}/telemetry.jsonl
 (per-role gradient cosine between tasks, drift); keep_task_checkpoints=true keeps the checkpoint before
 every task (step_{j} = before task j, 0 = the initial weights) for `topocl analyze` (grafting, routing).
@@ -78,7 +86,8 @@ class ContinualConfig:
     reference: str = "none"  # none | joint | single
     eval_every: int = 0  # also evaluate every N steps inside a task (0 = only at task ends)
     eval_base: bool = True  # base probes + held-out base-corpus bits/byte at each evaluation
-    base_rows: int = 64  # held-out base rows for bits/byte (and replay's base mixing pool)
+    base_rows: int = 64  # held-out base rows for bits/byte (never trained on: replay mixes training-split rows)
+    split_dense: bool = False  # load a dense model as a full-budget split model (attn.dense/sparse_heads roles)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=40, batch_size=16, lr=1e-3,
                                                                    warmup_steps=5, ckpt_every=10**9))
     ewc: EWCConfig = field(default_factory=EWCConfig)
@@ -99,6 +108,42 @@ def task_order(n: int, order: int) -> list[int]:
 
 def task_rows(task: Task, tok, seq_len: int) -> Tensor:
     return pack_documents(tok.encode_batch(task.texts), seq_len, tok.bos_id)
+
+
+class LeakageError(ValueError):
+    """A held-out evaluation row is also a training row."""
+
+
+def row_keys(rows: Tensor) -> set[bytes]:
+    """Exact identity of each token row (for set intersection)."""
+    rows = rows.detach().to("cpu", torch.int64).contiguous()
+    return {r.numpy().tobytes() for r in rows}
+
+
+def check_disjoint(evals: dict[str, Tensor | None], sources: dict[str, Tensor | None]) -> None:
+    """Raise LeakageError if any row of an evaluation set equals a row of a training source (same length rows;
+    rows of other lengths cannot be the same sequence)."""
+    for ename, ev in evals.items():
+        if ev is None or not len(ev):
+            continue
+        keys = row_keys(ev)
+        for sname, src in sources.items():
+            if src is None or not len(src) or src.shape[-1] != ev.shape[-1]:
+                continue
+            shared = keys & row_keys(src)
+            if shared:
+                raise LeakageError(f"evaluation leakage: {len(shared)} of {len(ev)} rows of {ename} are also "
+                                   f"training rows of {sname}")
+
+
+def load_init(cfg: ContinualConfig, device: torch.device):
+    """(model, tokenizer, pretraining config) of init=, as a full-budget split model when split_dense=true."""
+    model, tok, pcfg = load_run(cfg.init, device)
+    if cfg.split_dense:
+        from topocl.attention.split import split_from_dense
+
+        model = split_from_dense(model)
+    return model, tok, pcfg
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -166,12 +211,13 @@ class StreamRun:
         self.ident = {"run": cfg.run or out.name, "seed": seed, "order": order}
         self.device = resolve_device(cfg.device)
         torch.manual_seed(seed)  # a surgery arm's LoRA init draws here
-        self.model, self.tok, self.seq_len, base_probes, base_val = self._load()
+        self.model, self.tok, self.seq_len, base_probes, base_val, self.base_pool = self._load()
         torch.manual_seed(seed)
         self.tasks = build_stream(cfg.stream, cfg.stream_options, order)  # training order, labelled for it
         self.rows = [task_rows(t, self.tok, self.seq_len) for t in self.tasks]
         self.evaluate = Evaluator(self.tasks, base_probes, base_val, self.tok, self.device, cfg.dtype)
         self.base_val = base_val
+        self.check_leakage()
         self.init_state = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.model = self._adapt(self.model)
         self.strategies = self._strategies()
@@ -179,28 +225,52 @@ class StreamRun:
         self.cost = {"step_times": [], "tokens": 0, "opt_bytes": 0}
         self.telemetry: Telemetry | None = None
 
-    def _load(self) -> tuple[nn.Module, Any, int, list[Probe], Tensor | None]:
-        """(model, tokenizer, seq_len, base probes, held-out base rows) of init= or of surgery= (its arm)."""
+    def _load(self) -> tuple[nn.Module, Any, int, list[Probe], Tensor | None, Tensor | None]:
+        """(model, tokenizer, seq_len, base probes, held-out base rows, base mixing pool) of init= or of surgery=
+        (its arm). The pool (training text only) is loaded when eval_base or replay.base_ratio > 0 asks for it."""
         from topocl.world import base_probes
 
         cfg = self.cfg
+        pool_needed = "replay" in cfg.strategies and cfg.replay.base_ratio > 0
         if cfg.surgery:  # a pretrained HF model: base ability = common-sense probes + held-out eval_text bits/byte
             from topocl.surgery.arms import build_arm, heldout_rows, load_model_config
 
             scfg = load_model_config(cfg.surgery)
             model, tok, _ = build_arm(scfg, cfg.surgery_arm, self.device)
+            pool = None
+            if pool_needed and scfg.train_text:
+                pool = heldout_rows(scfg, tok, scfg.train_text, scfg.train_docs)
+            elif pool_needed and scfg.eval_text:  # eval_text's documents after the scored ones
+                from topocl.data import load_corpus, pack_documents
+
+                docs = load_corpus(scfg.eval_text)[scfg.eval_docs:]
+                pool = pack_documents(tok.encode_batch(docs), scfg.eval_seq_len, tok.bos_id) if docs else None
             if not cfg.eval_base:
-                return model, tok, scfg.eval_seq_len, [], None
+                return model, tok, scfg.eval_seq_len, [], None, pool
             val = heldout_rows(scfg, tok)[: cfg.base_rows] if scfg.eval_text else None
-            return model, tok, scfg.eval_seq_len, base_probes(), val
-        model, tok, pcfg = load_run(cfg.init, self.device)
-        if not cfg.eval_base:
-            return model, tok, pcfg.data.seq_len, [], None
+            return model, tok, scfg.eval_seq_len, base_probes(), val, pool
+        model, tok, pcfg = load_init(cfg, self.device)
+        if not (cfg.eval_base or pool_needed):
+            return model, tok, pcfg.data.seq_len, [], None, None
         from topocl.data import prepare_data
 
         data = prepare_data(pcfg.data, pcfg.seed, tokenizer=tok)  # same split as pretraining
+        pool = data.train if pool_needed else None  # the pretraining *training* split, never data.val
+        if not cfg.eval_base:
+            return model, tok, pcfg.data.seq_len, [], None, pool
         probes = base_probes() if pcfg.data.corpus == "synthetic" else []
-        return model, tok, pcfg.data.seq_len, probes, data.val[: cfg.base_rows]
+        return model, tok, pcfg.data.seq_len, probes, data.val[: cfg.base_rows], pool
+
+    def training_sources(self) -> dict[str, Tensor | None]:
+        """Every token row this run trains on or may train on: task rows, the base mixing pool, strategy memory."""
+        out: dict[str, Tensor | None] = {f"task {j}": r for j, r in enumerate(self.rows)}
+        out["base mixing pool"] = self.base_pool
+        for s in getattr(self, "strategies", []):
+            out.update({f"{s.name} {k}": v for k, v in s.sources().items()})
+        return out
+
+    def check_leakage(self) -> None:
+        check_disjoint({"the held-out base rows": self.base_val}, self.training_sources())
 
     def _adapt(self, model: nn.Module) -> nn.Module:
         if self.cfg.adapter == "lora":
@@ -211,7 +281,8 @@ class StreamRun:
 
     def _strategies(self) -> list:
         ctx = StrategyContext(device=self.device, seed=self.seed, seq_len=self.seq_len,
-                              batch_size=self.cfg.train.batch_size, base_rows=self.base_val,
+                              batch_size=self.cfg.train.batch_size, base_rows=self.base_pool,
+                              stream_rows=sum(len(r) for r in self.rows),
                               bos_id=self.tok.bos_id, train=self.cfg.train)
         return [STRATEGIES.get(n)(getattr(self.cfg, n, None), ctx) for n in self.cfg.strategies]
 
@@ -295,14 +366,16 @@ class StreamRun:
                 # inside task j: the last finished task is j - 1; the larger step tells it apart
                 _append(results, self.evaluate(self.model, self.ident, j - 1, self.step))
         self.cost["opt_bytes"] = max(self.cost["opt_bytes"], optimizer_state_bytes(opt))
+        self.cost.setdefault("epochs", []).append(tr.steps * tr.batch_size / len(rows))  # passes over the task rows
         for s in self.strategies:
             s.after_task(self.model, rows, j)
         if self.telemetry is not None:  # after the strategies: drift at the task boundary
             self.telemetry.end_task(self.model, self.step)
+        self.check_leakage()  # the strategies' memory as it will be trained on
 
     def reset_to_init(self) -> None:
         if has_lora(self.model) and not self.cfg.surgery:  # a fresh adapter on the initial weights
-            self.model = self._adapt(load_run(self.cfg.init, self.device)[0])
+            self.model = self._adapt(load_init(self.cfg, self.device)[0])
         else:
             self.model.load_state_dict(self.init_state)
 
@@ -335,8 +408,8 @@ class StreamRun:
                 _append(results, self.evaluate(self.model, self.ident, j, self.step))
                 self.save(j + 1)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        times = self.cost["step_times"]
-        return {"trainable_params": trainable,
+        times, epochs = self.cost["step_times"], self.cost.get("epochs", [])
+        return {"epochs_per_row": sum(epochs) / max(len(epochs), 1), "trainable_params": trainable,
                 "trainable_by_role": {r: sum(p.numel() for _, p in ps if p.requires_grad)
                                       for r, ps in role_params(self.model).items()},
                 "optimizer_state_bytes": self.cost["opt_bytes"], "peak_memory_bytes": peak_memory_bytes(self.device),
@@ -416,5 +489,8 @@ def cli(argv: list[str]) -> int:
     except (NonFiniteLoss, NonFiniteCheckpoint) as e:
         print(f"topocl continual: stopped: {e}", file=sys.stderr)
         return 1
+    cost = json.loads((out / "cost.json").read_text())
+    print(f"epochs per row: {cost['epochs_per_row']:.1f} (train.steps x train.batch_size / the task's rows, mean "
+          "over tasks)")
     print(f"run directory: {out}  (results: {out / 'results.jsonl'})")
     return 0

@@ -1,10 +1,15 @@
 """`topocl demo` (what `make demo` runs): the embedded default, end to end on 2 CPU cores.
 
 1. pretrain the tiny dense model and the tiny sparse (split) model on the synthetic common-sense corpus;
-2. run the same 10-world "window-breaking" stream on six arms: dense+vanilla, dense+ewc, dense+replay,
-   dense+lora, sparse+vanilla and sparse+acft (configs/continual/tiny-*.yaml);
-   with per-role telemetry on every arm and every task checkpoint kept for the sparse arms;
-3. analyse the sparse arms (grafting the slow / fast pathway back to its pre-task weights, routing stability of
+2. run the same 10-world "window-breaking" stream on six arms (configs/continual/tiny-*.yaml):
+   - the 2 x 2 control of topology and role policy, one head partition in every cell:
+     {group B dense (the dense model, split_dense for ACFT), group B top-k (split)} x {vanilla, ACFT}:
+     dense-vanilla, dense-acft, split-vanilla, split-acft;
+   - the dense baselines as the seeds define them: dense-sota (EWC, lambda selected on a validation stream, +
+     replay limited to 10% of the stream's rows) and dense-lora;
+   with per-role telemetry on every arm and every task checkpoint kept for the split arms. No arm trains on the
+   held-out rows scored for base bits/byte (the runner checks it);
+3. analyse the split arms (grafting the slow / fast pathway back to its pre-task weights, routing stability of
    the top-k selections, activation sparsity) and the dense baseline (activation sparsity);
 4. write one comparison report (with the H1/H2/H3 evidence section) and the analysis report, and print their
    paths and a short table.
@@ -23,8 +28,8 @@ from topocl.checkpoint import latest_checkpoint
 from topocl.config import PretrainConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-ARMS = [("tiny-dense-vanilla", "dense"), ("tiny-dense-ewc", "dense"), ("tiny-dense-replay", "dense"),
-        ("tiny-dense-lora", "dense"), ("tiny-split-vanilla", "split"), ("tiny-split-acft", "split")]
+ARMS = [("tiny-dense-vanilla", "dense"), ("tiny-dense-acft", "dense"), ("tiny-split-vanilla", "split"),
+        ("tiny-split-acft", "split"), ("tiny-dense-sota", "dense"), ("tiny-dense-lora", "dense")]
 ANALYSED = {"tiny-split-vanilla": ["graft", "routing", "sparsity"], "tiny-split-acft": ["graft", "routing", "sparsity"],
             "tiny-dense-vanilla": ["sparsity"]}
 

@@ -23,7 +23,13 @@ from topocl.attention.ops import rope_cache
 from topocl.config import ModelConfig
 from topocl.registry import ATTENTION, FFN
 
-ROLES_FIXED = ("embed", "head", "norm")
+ROLES_FIXED = ("embed", "head", "norm.attn", "norm.ffn", "norm.final")
+
+# Model-level tensors read by both pathways, each with its own role so a role policy can place it (the ACFT presets
+# state where each goes): `norm.attn` (the RMSNorm in front of attention, read by every head group), `norm.ffn` and
+# the FFN (`mlp`, which reads the sum of both groups' outputs), `embed`, `norm.final` and `head`. A policy that
+# freezes "the slow pathway" must also freeze what feeds it (`norm.attn`, `embed`), or the slow heads' inputs move.
+SHARED_ROLES = ("embed", "norm.attn", "norm.ffn", "mlp", "norm.final", "head")
 
 # The proposals' asymmetry: which roles form the slow ("compressed"/shared) pathway and which the fast
 # ("selected"/sparse) one, per attention / FFN kind (DESIGN.md table). Dense kinds have neither.
@@ -121,8 +127,10 @@ class GPT(nn.Module):
                 role = "embed"
             elif parts[0] == "lm_head":
                 role = "head"
-            elif parts[0] == "norm" or (parts[0] == "blocks" and parts[2] in ("attn_norm", "ffn_norm")):
-                role = "norm"
+            elif parts[0] == "norm":
+                role = "norm.final"
+            elif parts[0] == "blocks" and parts[2] in ("attn_norm", "ffn_norm"):
+                role = "norm.attn" if parts[2] == "attn_norm" else "norm.ffn"  # read by both head groups / the FFN
             elif "lora_A" in parts or "lora_B" in parts:
                 role = "lora"  # adapter weights injected by topocl.lora (the wrapped base weight keeps its role)
             elif parts[0] == "blocks" and parts[2] in ("attn", "ffn"):

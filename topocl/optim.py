@@ -49,7 +49,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
             p.requires_grad_(trainable)
         if not trainable:
             continue
-        wd = pol.weight_decay if pol.weight_decay >= 0 else (0.0 if role == "norm" else cfg.weight_decay)
+        # norms (norm.attn / norm.ffn / norm.final) get no weight decay unless their policy sets one
+        wd = pol.weight_decay if pol.weight_decay >= 0 else (0.0 if role.split(".")[0] == "norm" else cfg.weight_decay)
         groups.append({
             "params": [p for _, p in named],
             "names": [n for n, _ in named],

@@ -1,4 +1,5 @@
-"""`topocl params CONFIG [k=v ...]`: parameters per role, and the parameter-matched dense control.
+"""`topocl params CONFIG [k=v ...]`: parameters per role (with the pathway each belongs to: slow, fast, or shared by
+both at model level — a role policy must place the shared ones), and the parameter-matched dense control.
 
 The dense control of a sparse config keeps layers, heads and widths and sizes the MLP (d_ff) so the
 total parameter count is within ±2% (DESIGN.md, route B).
@@ -12,7 +13,7 @@ import dataclasses
 import torch
 
 from topocl.config import ModelConfig, PretrainConfig, load_config
-from topocl.model import GPT
+from topocl.model import GPT, SHARED_ROLES
 
 
 def count(cfg: ModelConfig) -> int:
@@ -40,9 +41,20 @@ def table(cfg: ModelConfig) -> str:
     with torch.device("meta"):
         m = GPT(cfg)
     total = m.num_params()
+    slow, fast = m.pathway_roles()
     lines = [f"{cfg.attention} / {cfg.ffn}: {total:,} parameters"]
-    lines += [f"  {role:<22} {n:>12,}  {n / total:6.1%}" for role, n in m.params_by_role().items()]
+    lines += [f"  {role:<22} {n:>12,}  {n / total:6.1%}  {pathway(role, slow, fast)}".rstrip()
+              for role, n in m.params_by_role().items()]
     return "\n".join(lines)
+
+
+def pathway(role: str, slow: set[str], fast: set[str]) -> str:
+    """slow | fast | shared (a model-level tensor both pathways use) | "" (a model without pathways)."""
+    if role in slow:
+        return "slow"
+    if role in fast:
+        return "fast"
+    return "shared" if (slow or fast) and role in SHARED_ROLES else ""
 
 
 def cli(argv: list[str]) -> int:

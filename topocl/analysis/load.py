@@ -18,10 +18,9 @@ from torch import Tensor, nn
 
 from topocl.checkpoint import complete_checkpoints, read_weights
 from topocl.config import from_dict
-from topocl.continual import ContinualConfig, task_order
+from topocl.continual import ContinualConfig, load_init, task_order
 from topocl.evaluate import score_probes
 from topocl.lora import apply_lora
-from topocl.pretrain import load_run
 from topocl.tasks import Task
 from topocl.tasks.streams import build_stream
 from topocl.train import autocast_for, resolve_device
@@ -67,7 +66,7 @@ def open_stream(run_dir: str | Path, seed: int, order: int, device: str = "auto"
     cfg = from_dict(ContinualConfig, yaml.safe_load((run_dir / "config.yaml").read_text()),
                     str(run_dir / "config.yaml"))
     dev = resolve_device(device if device != "auto" else cfg.device)
-    model, tok, pcfg = load_run(cfg.init, dev)
+    model, tok, pcfg = load_init(cfg, dev)  # split_dense=true: the partitioned model the run trained
     if cfg.adapter == "lora":
         model = apply_lora(model, cfg.lora)
     tasks = build_stream(cfg.stream, cfg.stream_options)

@@ -11,6 +11,11 @@ Budget per query t (group B): `topk` keys if topk > 0, else max(1, round(topk_fr
 than the t + 1 causal keys. Selection uses `topocl.attention.ops.topk_mask` on detached scores (the op
 head-split surgery reuses on Hugging Face models); the reference path is the full masked softmax.
 
+At full budget (topk_frac >= 1 with topk 0) group B is dense too, computed by SDPA: the model is then a dense
+model whose heads are partitioned into the two groups. `split_from_dense` builds exactly that from a dense
+model (same weights, same function), so a role policy on the head groups (ACFT) applies to a dense model: the
+2 x 2 control {group B dense, group B top-k} x {vanilla, ACFT} keeps one head partition in all four cells.
+
 Shape legend: B batch, T positions, C d_model, Ha/Hb query heads of group A/B, Ka/Kb their KV heads, D head dim.
 """
 
@@ -34,6 +39,52 @@ def split_groups(n_kv_head: int, sparse_kv_groups: int) -> tuple[int, int]:
         raise ValueError(f"split.sparse_kv_groups={sparse_kv_groups} must leave both groups non-empty "
                          f"(1..{n_kv_head - 1} of n_kv_head={n_kv_head})")
     return n_kv_head - kb, kb
+
+
+def full_budget(topk: int, frac: float) -> bool:
+    """Group B keeps every causal key at every length."""
+    return topk == 0 and frac >= 1.0
+
+
+def split_from_dense(model: nn.Module, sparse_kv_groups: int = -1) -> nn.Module:
+    """A split GPT at full budget with the weights of dense-attention GPT `model`: KV groups 0..Ka-1 (with their
+    query heads) form group A, the rest group B; q/k/v rows and o columns are copied, so its outputs equal
+    `model`'s (up to float summation order: o = o_A + o_B). Roles: attn.dense_heads / attn.sparse_heads."""
+    import dataclasses
+
+    from topocl.attention.ops import rope_cache
+    from topocl.config import SplitConfig
+    from topocl.model import GPT
+
+    cfg = model.cfg
+    if cfg.attention != "dense":
+        raise ValueError(f"split_from_dense needs a dense-attention model, got attention={cfg.attention!r}")
+    ka, _ = split_groups(cfg.n_kv_head, sparse_kv_groups)
+    g, d = cfg.n_head // cfg.n_kv_head, cfg.hd
+    split_cfg = dataclasses.replace(cfg, attention="split", split=SplitConfig(
+        sparse_kv_groups=cfg.n_kv_head - ka, topk=0, topk_frac=1.0))
+    dev = next(model.parameters()).device
+    with torch.device("meta"):
+        out = GPT(split_cfg)
+    state = {}
+    qa, kva = ka * g * d, ka * d  # rows of group A in q_proj / k_proj, v_proj
+    for name, w in model.state_dict().items():
+        pre, _, rest = name.partition(".attn.")
+        if not rest:
+            state[name] = w
+            continue
+        proj = rest.split(".")[0]  # q_proj | k_proj | v_proj | o_proj
+        if proj == "o_proj":  # [C, H*D]: columns of group A's heads, then group B's
+            a, b = w[:, :qa], w[:, qa:]
+        else:  # [H*D, C] or [Hk*D, C]: rows
+            cut = qa if proj == "q_proj" else kva
+            a, b = w[:cut], w[cut:]
+        state[f"{pre}.attn.dense.{rest}"] = a.clone()
+        state[f"{pre}.attn.sparse.{rest}"] = b.clone()
+    out.load_state_dict(state, assign=True)
+    cos, sin = rope_cache(cfg.max_seq_len, cfg.hd, cfg.rope_base)
+    out.rope_cos, out.rope_sin = cos, sin  # non-persistent buffers are not in the state dict
+    return out.to(dev).train(model.training)
 
 
 def row_budget(t: int, topk: int, frac: float, device: torch.device | None = None) -> Tensor:
@@ -92,6 +143,10 @@ class SplitAttention(nn.Module):
         qa, ka, va = self.dense.qkv(x, cos, sin)
         y = self.dense.out(sdpa_causal(qa, ka, va))
         qb, kb, vb = self.sparse.qkv(x, cos, sin)
+        if full_budget(self.topk, self.frac) and self.capture is None:  # group B is dense: SDPA, no [T, T] mask
+            if self.fast_on:
+                y = y + self.sparse.out(sdpa_causal(qb, kb, vb))
+            return y, {"stat.split_key_frac": x.new_ones(())}
         g = qb.shape[1] // kb.shape[1]
         kb, vb = repeat_kv(kb, g), repeat_kv(vb, g)  # [B, Hb, T, D]
         visible = causal_mask(t, device=x.device)  # [T, T]

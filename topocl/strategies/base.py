@@ -11,6 +11,7 @@ summed, hooks run in order. All hooks are optional.
     s.after_step(model, step)                         # e.g. statistics
     s.after_task(model, task_rows, task_index)        # Fisher, buffer update, dream consolidation
     s.stats() -> dict[str, float]                     # logged into metrics.jsonl (e.g. ewc penalty/loss ratio)
+    s.sources() -> dict[str, Tensor]                  # token rows it may train on (checked against held-out rows)
     s.state_dict() / s.load_state_dict(d)             # tensors + JSON-able values, for resume
 """
 
@@ -30,7 +31,9 @@ class StrategyContext:
     seed: int
     seq_len: int
     batch_size: int
-    base_rows: Tensor | None = None  # pretraining-corpus rows [N, T+1] (replay's optional base mixing)
+    base_rows: Tensor | None = None  # pretraining-corpus TRAINING rows [N, T+1] (replay's base mixing; never the
+    # held-out rows the runner scores)
+    stream_rows: int = 0  # token rows in the whole stream (the size a memory budget is a fraction of); 0 = unknown
     bos_id: int = 0
     train: object = None  # topocl.config.TrainConfig of the continual run (lr, grad_clip, ...)
     extra: dict = field(default_factory=dict)
@@ -58,6 +61,9 @@ class Strategy:
         pass
 
     def stats(self) -> dict[str, float]:
+        return {}
+
+    def sources(self) -> dict[str, Tensor]:
         return {}
 
     def state_dict(self) -> dict:

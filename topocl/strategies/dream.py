@@ -117,6 +117,7 @@ class Dream(Strategy):
     def __init__(self, cfg: DreamConfig, ctx: StrategyContext) -> None:
         super().__init__(cfg, ctx)
         self._stats: dict[str, float] = {}
+        self.last: Tensor | None = None  # the latest dreams (what it last trained on)
         for key in ("n_traj", "length", "steps", "batch_size"):
             if getattr(cfg, key) < 1:
                 raise ConfigError(f"dream.{key}={getattr(cfg, key)} must be >= 1")
@@ -131,6 +132,10 @@ class Dream(Strategy):
             return
         dreams = dream(model, self.cfg, self.ctx.bos_id, self.ctx.seed * 31 + task_index, self.ctx.device)
         self._stats = {**distil_slow(model, dreams, self.cfg), "dream_task": float(task_index)}
+        self.last = dreams.cpu()
+
+    def sources(self) -> dict[str, Tensor]:
+        return {} if self.last is None else {"dreams": self.last}
 
     def stats(self) -> dict[str, float]:
         return dict(self._stats)

@@ -1,5 +1,10 @@
 """Experience replay: a reservoir buffer (Vitter's Algorithm R) over past tasks' sequences.
 
+Memory budget: the buffer holds at most M = floor(memory * stream rows) rows (default memory 0.1: 10% of the
+whole stream's token rows, the usual limited-memory setting; the runner tells the strategy the stream's size,
+never its rows), or buffer_size rows when buffer_size > 0 (an absolute budget, which must not exceed the memory
+fraction when the stream's size is known).
+
 The buffer is filled at the end of each task (`after_task`), not while training, so it only ever holds
 *past* tasks' rows and is independent of the batch schedule: the task's rows enter in a seeded random
 order; the n-th row seen (0-based) takes slot n while n < M, else replaces slot r ~ U{0..n} when r < M,
@@ -23,9 +28,27 @@ from topocl.strategies.base import Strategy, StrategyContext
 
 @dataclass
 class ReplayConfig:
-    buffer_size: int = 256  # M, rows
+    memory: float = 0.1  # buffer capacity as a fraction of the stream's token rows (0 < memory <= 1)
+    buffer_size: int = 0  # M, rows; 0 = floor(memory * stream rows); > 0 must stay within that budget
     ratio: float = 0.25  # fraction of each batch drawn from the buffer
     base_ratio: float = 0.0  # fraction of each batch drawn from the pretraining corpus
+
+
+def capacity(cfg: ReplayConfig, stream_rows: int) -> int:
+    """Buffer rows allowed by the memory budget (stream_rows 0 = unknown: buffer_size must be given)."""
+    if not 0 < cfg.memory <= 1:
+        raise ConfigError(f"replay.memory={cfg.memory} must be in (0, 1] (a fraction of the stream's rows)")
+    if cfg.buffer_size < 0:
+        raise ConfigError(f"replay.buffer_size={cfg.buffer_size} must be >= 0 (0 = replay.memory x stream rows)")
+    budget = int(cfg.memory * stream_rows)
+    if stream_rows and cfg.buffer_size > budget:
+        raise ConfigError(f"replay.buffer_size={cfg.buffer_size} exceeds the memory budget: replay.memory="
+                          f"{cfg.memory} of the stream's {stream_rows} rows = {budget} rows")
+    m = cfg.buffer_size or budget
+    if m < 1:
+        raise ConfigError(f"replay buffer of {m} rows: give replay.buffer_size or a larger replay.memory "
+                          f"(stream rows: {stream_rows or 'unknown'})")
+    return m
 
 
 class Reservoir:
@@ -55,14 +78,14 @@ class Replay(Strategy):
 
     def __init__(self, cfg: ReplayConfig, ctx: StrategyContext) -> None:
         super().__init__(cfg, ctx)
-        if cfg.buffer_size < 1:
-            raise ConfigError(f"replay.buffer_size={cfg.buffer_size} must be >= 1")
         if cfg.ratio < 0 or cfg.base_ratio < 0 or cfg.ratio + cfg.base_ratio > 1:
             raise ConfigError(f"replay.ratio={cfg.ratio} and replay.base_ratio={cfg.base_ratio} must be >= 0 "
                               "with a sum <= 1")
         if cfg.base_ratio > 0 and ctx.base_rows is None:
-            raise ConfigError("replay.base_ratio > 0 needs base-corpus rows (the run's eval_base=true)")
-        self.buffer = Reservoir(cfg.buffer_size, ctx.seed)
+            raise ConfigError("replay.base_ratio > 0 needs base-corpus training rows (an init= run, or a surgery "
+                              "config with train_text or more eval_text documents than eval_docs)")
+        self.capacity = capacity(cfg, ctx.stream_rows)
+        self.buffer = Reservoir(self.capacity, ctx.seed)
         self.task = 0
 
     def before_task(self, model, task_rows: Tensor, task_index: int) -> None:
@@ -90,6 +113,12 @@ class Replay(Strategy):
 
     def stats(self) -> dict[str, float]:
         return {"replay_buffer": float(len(self.buffer))}
+
+    def sources(self) -> dict[str, Tensor]:
+        out = {} if self.buffer.items is None else {"buffer": self.buffer.items[: len(self.buffer)]}
+        if self.cfg.base_ratio > 0 and self.ctx.base_rows is not None:
+            out["base mixing pool"] = self.ctx.base_rows
+        return out
 
     def state_dict(self) -> dict:
         out = {"seen": self.buffer.seen, "gen": self.buffer.gen.get_state()}
