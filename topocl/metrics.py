@@ -204,7 +204,8 @@ def _betai(a: float, b: float, x: float) -> float:
 
 def t_cdf(t: float, df: float) -> float:
     """P(T <= t) for Student's t with df degrees of freedom."""
-    tail = 0.5 * _betai(df / 2, 0.5, df / (df + t * t))
+    tt = t * t  # the lower tail mass P(|T| > |t|) / 2, from whichever argument of I_x is not close to 1
+    tail = 0.5 * (_betai(df / 2, 0.5, df / (df + tt)) if tt > df else 1.0 - _betai(0.5, df / 2, tt / (df + tt)))
     return 1.0 - tail if t > 0 else tail
 
 

@@ -245,8 +245,11 @@ def unit_label(streams: list[tuple[int, int]], reps: dict[tuple[int, int], objec
     nested = f"{seeds} continual seed{'s' * (seeds != 1)} × {orders} order{'s' * (orders != 1)}"
     if any(isinstance(u, tuple) for u in units.values()):
         return f"{len(streams)} streams ({nested}) of ONE pretrained model"
+    per = sorted({list(units.values()).count(u) for u in set(units.values())})
     n = len(set(units.values()))
-    return f"{n} pretraining seed{'s' * (n != 1)} (replicates; {nested} averaged inside each)"
+    k = "–".join(map(str, per)) if len(per) > 1 else str(per[0])
+    return (f"{n} pretraining seed{'s' * (n != 1)} (replicates; the {k} stream{'s' * (per != [1])} of each "
+            "averaged first)")
 
 
 def by_unit(values: dict[tuple[int, int], float], reps: dict[tuple[int, int], object]) -> dict:
