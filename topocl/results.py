@@ -240,6 +240,8 @@ def unit_keys(streams: list[tuple[int, int]], reps: dict[tuple[int, int], object
 
 def unit_label(streams: list[tuple[int, int]], reps: dict[tuple[int, int], object]) -> str:
     """What a CI over these streams is over, in words."""
+    if not streams:
+        return "no units"
     units = unit_keys(streams, reps)
     seeds, orders = len({s for s, _ in streams}), len({o for _, o in streams})
     nested = f"{seeds} continual seed{'s' * (seeds != 1)} × {orders} order{'s' * (orders != 1)}"
