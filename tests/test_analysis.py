@@ -95,8 +95,11 @@ def test_graft_restores_exactly_the_stored_weights(tiny_cfg):
     final, source = GPT(tiny_cfg), GPT(tiny_cfg)
     before = {n: p.detach().clone() for n, p in final.named_parameters()}
     src = {n: p.detach().clone() for n, p in source.named_parameters()}
-    groups = graft_groups(final, ["mlp"])
-    assert groups == {"slow": ["attn.dense_heads"], "fast": ["attn.sparse_heads"], "mlp": ["mlp"]}
+    groups = graft_groups(final, ["attn"])
+    assert groups == {"slow": ["attn.dense_heads"], "fast": ["attn.sparse_heads"], "embed": ["embed"],
+                      "head": ["head"], "mlp": ["mlp"], "norm": ["norm"], "attn": ["attn"]}
+    covered = {n for g, roles in groups.items() if g != "attn" for n in role_names(final, roles)}
+    assert covered == set(before)  # every parameter is in a group: MLP, embeddings, head and norms too
     names = role_names(final, groups["fast"])
     assert names and all(".attn.sparse." in n for n in names)
     graft(final, src, names)
@@ -141,39 +144,70 @@ def test_crossover_on_hand_made_curves():
 
 
 def test_verdict_rule_on_hand_made_numbers():
-    s = lambda lo, hi, n=3: {"mean": (lo + hi) / 2, "ci_low": lo, "ci_high": hi, "n": n}  # noqa: E731
+    s = lambda lo, hi, n=5: {"mean": (lo + hi) / 2, "ci_low": lo, "ci_high": hi, "n": n}  # noqa: E731
     assert verdict(s(0.1, 0.3)) == "supported" and verdict(s(-0.3, -0.1)) == "not supported"
     assert verdict(s(-0.1, 0.3)) == "inconclusive" and verdict(s(0.1, 0.3, n=1)) == "inconclusive"
     assert verdict(s(-0.3, -0.1), direction=-1) == "supported" and verdict(s(-0.04, 0.1), 1, -0.05) == "supported"
     assert verdict(None) == "inconclusive" and verdict(stats([])) == "inconclusive"
+    # fewer than 5 independent units: never a verdict, however narrow the CI (the old rule said supported at n = 2)
+    assert verdict(s(0.1, 0.3, n=4)) == "inconclusive" and verdict(s(-0.3, -0.1, n=4)) == "inconclusive"
+    assert verdict(stats([0.10, 0.12])) == "inconclusive"
     assert combine(["supported", "supported"]) == "supported"
     assert combine(["supported", "inconclusive"]) == "inconclusive"
     assert combine(["inconclusive", "not supported"]) == "not supported"
-    paired = diff_stats({(0, 0): 0.5, (1, 0): 0.7}, {(0, 0): 0.2, (1, 0): 0.3})
+    paired = diff_stats({0: 0.5, 1: 0.7}, {0: 0.2, 1: 0.3, 2: 0.9})
     assert paired["paired"] and paired["values"] == pytest.approx([0.3, 0.4]) and paired["mean"] == pytest.approx(0.35)
-    unpaired = diff_stats({(0, 0): 0.5}, {(1, 0): 0.2, (2, 0): 0.4})
-    assert not unpaired["paired"] and unpaired["mean"] == pytest.approx(0.2)
+    assert paired["units"] == [0, 1]  # replicate 2 has no partner: left out, never an unpaired test
+    assert diff_stats({0: 0.5}, {1: 0.2})["n"] == 0
 
 
-def test_h1_h3_statistics_from_hand_made_rows():
-    tel = [{"seed": s, "order": 0, "after_task": j, "group": g, "measure": "grad_energy", "ref_task": -1, "value": v}
-           for s in (0, 1) for j in (0, 1) for g, v in (("pathway.fast", 10.0 * (s + 1)), ("pathway.slow", 1.0))]
+def _cos_rows(seed, slow, fast):
+    """grad_cos rows of 3 tasks (pairs (1,0), (2,0), (2,1)) with the given |cos| per pathway, signs mixed."""
+    return [{"seed": seed, "order": 0, "after_task": j, "group": g, "measure": "grad_cos", "ref_task": i,
+             "value": v * (-1) ** (i + j)} for j, i in ((1, 0), (2, 0), (2, 1))
+            for g, v in (("pathway.slow", slow), ("pathway.fast", fast))]
+
+
+def test_h1_is_the_gradient_cosine_per_pathway_and_frozen_is_not_applicable():
+    tel = [r for s in range(5) for r in _cos_rows(s, 0.1 + 0.01 * s, 0.5)]
+    tel += [{"seed": 0, "order": 0, "after_task": 0, "group": g, "measure": "grad_energy", "ref_task": -1,
+             "value": 1e6 if g == "pathway.slow" else 1.0} for g in ("pathway.slow", "pathway.fast")]
     vals, frozen = h1_values(tel)
-    assert vals == {(0, 0): pytest.approx(1.0), (1, 0): pytest.approx(math.log10(20))} and not frozen
-    frozen_rows = [{**r, "measure": "drift_task"} if r["group"] == "pathway.slow" else r for r in tel]
-    assert h1_values(frozen_rows) == ({}, True)
+    assert vals == {(s, 0): pytest.approx(0.01 * s - 0.4) for s in range(5)} and frozen == []  # |cos| slow − fast
+    ev = evidence([], {"arm": {"telemetry": tel}}, replicates={("arm", s, 0): s for s in range(5)})
+    h1 = ev["H1"]["runs"]["arm"]
+    assert h1["verdict"] == "supported" and h1["stats"]["mean |cos|_slow − |cos|_fast, predicted < 0"]["n"] == 5
+    # the slow pathway frozen by the role policy: it has drift rows but no gradient -> not applicable
+    frozen_rows = [r for r in tel if r["group"] == "pathway.fast"] + [
+        {"seed": s, "order": 0, "after_task": 0, "group": "pathway.slow", "measure": "drift_task", "ref_task": -1,
+         "value": 0.0} for s in range(5)]
+    assert h1_values(frozen_rows) == ({}, ["slow"])
+    ev = evidence([], {"arm": {"telemetry": frozen_rows}})
+    assert ev["H1"]["runs"]["arm"]["verdict"] == "not applicable" and "frozen" in ev["H1"]["runs"]["arm"]["note"]
 
-    def g(seed, group, typ, drop):
-        return {"seed": seed, "order": 0, "group": group, "mode": "remove", "task": 1, "eval_task": 1,
-                "kind": "retain", "type": typ, "value": 0.9 - drop, "final": 0.9}
 
-    graft_rows = [r for s in (0, 1) for r in (g(s, "fast", "fact", 0.5), g(s, "slow", "fact", 0.1),
-                                              g(s, "fast", "rule", 0.0), g(s, "slow", "rule", 0.2 + 0.1 * s))]
-    facts, rules = h3_values(graft_rows)
-    assert facts == {(0, 0): pytest.approx(0.4), (1, 0): pytest.approx(0.4)}
-    assert rules == {(0, 0): pytest.approx(0.2), (1, 0): pytest.approx(0.3)}
-    ev = evidence([], {"arm": {"telemetry": tel, "graft": graft_rows}})
-    assert ev["H1"]["runs"]["arm"]["verdict"] == "supported" and ev["H3"]["runs"]["arm"]["verdict"] == "supported"
+def _graft(seed, group, typ, drop, moved=True):
+    return {"seed": seed, "order": 0, "group": group, "mode": "remove", "task": 1, "eval_task": 1,
+            "kind": "retain", "type": typ, "value": 0.9 - drop, "final": 0.9, "moved": moved}
+
+
+def test_h3_statistics_every_group_and_frozen_pathway_not_applicable():
+    graft_rows = [r for s in range(5) for r in (
+        _graft(s, "fast", "fact", 0.5), _graft(s, "slow", "fact", 0.1), _graft(s, "fast", "rule", 0.0),
+        _graft(s, "slow", "rule", 0.2 + 0.02 * s), _graft(s, "mlp", "fact", 0.3), _graft(s, "mlp", "rule", 0.1))]
+    facts, rules, groups, frozen = h3_values(graft_rows)
+    assert facts == {(s, 0): pytest.approx(0.4) for s in range(5)} and frozen == []
+    assert rules == {(s, 0): pytest.approx(0.2 + 0.02 * s) for s in range(5)}
+    assert groups["mlp"] == {(s, 0): pytest.approx(0.2) for s in range(5)}
+    reps = {("arm", s, 0): s for s in range(5)}
+    ev = evidence([], {"arm": {"graft": graft_rows}}, replicates=reps)["H3"]["runs"]["arm"]
+    assert ev["verdict"] == "supported" and "own-task drop d(mlp) (descriptive)" in ev["stats"]
+    # the slow pathway frozen: grafting it restores identical weights (moved false), its drop of 0 would make
+    # "facts live in the fast pathway" true by construction -> not applicable
+    frozen_rows = [{**r, "moved": False, "value": r["final"]} if r["group"] == "slow" else r for r in graft_rows]
+    assert h3_values(frozen_rows)[3] == ["slow"] and h3_values(frozen_rows)[0] == {}
+    ev = evidence([], {"arm": {"graft": frozen_rows}}, replicates=reps)["H3"]["runs"]["arm"]
+    assert ev["verdict"] == "not applicable" and "positive by construction" in ev["note"]
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -184,7 +218,7 @@ def test_analyze_end_to_end_on_a_tiny_continual_run(tmp_path):
     assert main(["pretrain", str(ROOT / "configs/pretrain/tiny-split.yaml"), "model.n_layer=1", "model.d_model=32",
                  "model.n_head=2", "model.n_kv_head=2", "model.max_seq_len=64", "data.synthetic_docs=200",
                  "data.vocab_size=300", "data.seq_len=64", "train.batch_size=4", "train.steps=2",
-                 "train.eval_every=1000", "samples=0", "probe=false", f"out_dir={pre}"]) == 0
+                 "train.eval_every=1000", "samples=0", "probe=false", "seed=7", f"out_dir={pre}"]) == 0
     run = tmp_path / "c"
     assert main(["continual", str(ROOT / "configs/continual/tiny-split-vanilla.yaml"), f"init={pre}",
                  f"out_dir={run}", "stream_options.n_worlds=2", "stream_options.texts_per_task=4",
@@ -196,7 +230,9 @@ def test_analyze_end_to_end_on_a_tiny_continual_run(tmp_path):
     assert main(["analyze", str(run), "--max-probes", "2"]) == 0
     art = run_artifacts(run)
     assert all(art[k] for k in ("telemetry", "graft", "routing", "sparsity"))
-    assert {r["group"] for r in art["graft"]} == {"slow", "fast"}
+    assert {r["group"] for r in art["graft"]} == {"slow", "fast", "embed", "head", "mlp", "norm"}
+    assert all(r["moved"] for r in art["graft"] if r["mode"] == "remove")  # vanilla: every group trains
+    assert json.loads((run / "meta.json").read_text())["replicate"] == 7  # the init run's pretraining seed
     assert {r["measure"] for r in art["routing"]} >= {"jaccard_last", "jaccard_all", "fact_mass", "fact_selected"}
     assert all(0.0 <= r["value"] <= 1.0 for r in art["routing"] if r["measure"].startswith("jaccard"))
     assert {r["ckpt"] for r in art["sparsity"]} == {0, 2}

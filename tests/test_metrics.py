@@ -228,7 +228,8 @@ def test_summary_of_update_base_joint_crossover_and_unfinished(tmp_path):
     rows += rows_for(worse, run="base") + rows_for(EX2[:3], run="a", seed=5)  # seed 5 killed after task 1
     s = summarize(rows, joint_run="joint", baseline_run="base")
     a = s["a"]
-    assert a["n"] == {"streams": 3, "finished": 2, "tasks": 4}
+    assert a["n"] == {"streams": 3, "finished": 2, "tasks": 4, "units": 2,
+                      "unit": "2 streams (1 continual seed × 2 orders) of ONE pretrained model"}
     assert a["retain"]["acc"]["acc"]["values"] == pytest.approx([0.65, 0.65])
     assert a["retain"]["acc"]["intransigence"]["values"][0] == pytest.approx(0.0425)  # a* = mean of the seeds
     assert len(a["retain"]["acc"]["intransigence"]["values"]) == 1  # no joint reference for order 1
@@ -239,3 +240,50 @@ def test_summary_of_update_base_joint_crossover_and_unfinished(tmp_path):
     b = a["base"]["bpb"]["base_ability"]
     assert b["curve"] == pytest.approx([0.3, 0.4, 0.5, 0.5, 0.6]) and b["change"]["mean"] == pytest.approx(0.3)
     assert "intransigence" not in s["joint"]["retain"]["acc"] and "crossover" not in s["base"]["retain"]["acc"]
+
+
+# ----------------------------------------------------------------------------- units of replication, t-intervals
+
+
+def test_student_t_quantiles_and_interval_hand_computed():
+    for df, q in ((1, 12.7062047), (2, 4.3026527), (4, 2.7764451), (9, 2.2621572), (30, 2.0422725)):
+        assert M.t_quantile(0.975, df) == pytest.approx(q, abs=1e-6)
+    assert M.t_quantile(0.5, 3) == pytest.approx(0.0, abs=1e-9) and M.t_cdf(-2.015048, 5) == pytest.approx(0.05)
+    mean, lo, hi = M.t_interval([1.0, 2.0, 3.0, 4.0, NAN])  # s = 1.2910, half-width = 3.1824 * s / 2
+    assert mean == 2.5 and hi - mean == pytest.approx(3.182446 * math.sqrt(5 / 3) / 2, abs=1e-5)
+    assert lo == pytest.approx(5 - hi)
+    assert M.t_interval([0.3])[0] == 0.3 and math.isnan(M.t_interval([0.3])[1])  # one unit: no interval
+    with pytest.raises(ValueError, match="0 < p < 1"):
+        M.t_quantile(1.0, 3)
+
+
+def test_summary_ci_is_over_replicates_with_nested_streams_averaged_first():
+    """Three pretraining seeds (replicates), each continued with two orders: the unit is the replicate, the
+    per-replicate value is the mean of its two streams, and n = 3 (not 6)."""
+    rows, reps = [], {}
+    for rep in range(3):
+        for order in range(2):
+            R = [[v + 0.05 * rep - 0.02 * order if i > 0 else v for v in r] for i, r in enumerate(EX2)]
+            rows += rows_for(R, seed=rep, order=order)
+            reps[("a", rep, order)] = rep
+    s = summarize(rows, replicates=reps)["a"]
+    acc = s["retain"]["acc"]["acc"]
+    assert acc["n"] == 3 and acc["units"] == [0, 1, 2]
+    assert acc["values"] == pytest.approx([0.64, 0.69, 0.74])  # (0.65 + 0.63) / 2 + 0.05 rep
+    assert (acc["ci_low"], acc["ci_high"]) == pytest.approx(M.t_interval([0.64, 0.69, 0.74])[1:])
+    assert s["n"]["units"] == 3
+    assert s["n"]["unit"] == "3 pretraining seeds (replicates; the 2 streams of each averaged first)"
+    # without replicate information every stream is a unit, and the label says it is ONE pretrained model
+    flat = summarize(rows)["a"]
+    assert flat["retain"]["acc"]["acc"]["n"] == 6 and "of ONE pretrained model" in flat["n"]["unit"]
+
+
+def test_crossover_interval_bootstraps_units():
+    base = {u: [0.5, 0.5, 0.5] for u in range(5)}
+    above = {u: [0.4, 0.6, 0.6] for u in range(5)}  # every unit crosses after task 1: a zero-width interval
+    assert M.crossover_interval(above, base) == (1, 1)
+    mixed = {0: [0.4, 0.6, 0.6], 1: [0.4, 0.6, 0.6], 2: [0.4, 0.4, 0.4], 3: [0.6, 0.6, 0.6], 4: [0.6, 0.6, 0.6]}
+    lo, hi = M.crossover_interval(mixed, base)
+    assert lo == 0 and hi is None  # some resamples cross at 0, some never
+    assert M.crossover_interval({0: [0.6, 0.6, 0.6]}, base) is None  # one unit: no interval
+    assert M.crossover_interval(mixed, base) == M.crossover_interval(mixed, base)  # fixed seed

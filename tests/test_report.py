@@ -20,7 +20,7 @@ from topocl.report import fmt, write_report
 FIX = Path(__file__).parent / "fixtures" / "report"
 RUNS = [FIX / "dense-vanilla", FIX / "sparse-acft", FIX / "dense-joint"]
 PNGS = ("accuracy_matrix.png", "forgetting_curves.png", "seen_accuracy.png", "retention_by_delay.png",
-        "base_acc.png", "base_bpb.png")
+        "base_acc.png", "base_bpb.png", "frontier.png")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,9 @@ def test_report_numbers_are_the_worked_example(rendered):
         assert r[name]["ci_low"] <= r[name]["mean"] <= r[name]["ci_high"] and r[name]["n"] == 4
     assert s["sparse-acft"]["retain"]["acc"]["crossover"] == 1
     assert s["dense-vanilla"]["update"]["acc"]["acc"]["values"][0] == pytest.approx((0.20 + 0.25) / 2)
-    assert s["sparse-acft"]["n"] == {"streams": 4, "finished": 4, "tasks": 4}
+    assert s["sparse-acft"]["n"] == {"streams": 4, "finished": 4, "tasks": 4, "units": 4,
+                                     "unit": "4 streams (2 continual seeds × 2 orders) of ONE pretrained model"}
+    assert s["sparse-acft"]["retain"]["acc"]["crossover_ci"] == [1, 1]
 
 
 def test_report_and_metrics_cli(tmp_path, capsys):
@@ -83,6 +85,18 @@ def test_errors_name_the_problem(tmp_path, capsys):
     assert "'dense-vanila' is not among the runs" in capsys.readouterr().err
     assert main(["report", str(RUNS[0]), str(RUNS[0]), "--out", str(tmp_path / "r")]) == 1
     assert "duplicate of" in capsys.readouterr().err
+
+
+def test_report_says_the_unit_of_every_ci(rendered):
+    """The fixture's runs each continue ONE pretrained model (no replicate in meta.json): every CI says so, and
+    H2 has no verdict (one replicate; and the two runs' LA ranges do not overlap, so nothing is matched)."""
+    path, out = rendered
+    md = path.read_text()
+    assert md.count("4 streams (2 continual seeds × 2 orders) of ONE pretrained model") >= 2
+    assert "95% Student-t CI" in md and "percentile-bootstrap CI, 2000" not in md
+    ev = json.loads((out / "evidence.json").read_text())
+    assert ev["H2"]["runs"]["sparse-acft"]["verdict"] == "inconclusive"
+    assert "no overlap" in ev["H2"]["runs"]["sparse-acft"]["note"]
 
 
 def test_fmt_and_no_torch():

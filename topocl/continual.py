@@ -15,7 +15,10 @@ three axes compose: `adapter` (none | lora), `strategies` (vanilla, ewc, replay,
 runs: `reference=joint` (for task j, train the initial model on tasks 0..j together) and
 `reference=single` (for task j, train the initial model on task j alone).
 
-    RUN/ config.yaml  results.jsonl  cost.json  seed{S}-order{O}/{metrics.jsonl, checkpoints/}
+    RUN/ config.yaml  meta.json  results.jsonl  cost.json  seed{S}-order{O}/{metrics.jsonl, checkpoints/}
+
+meta.json `replicate` is the pretraining seed of the init model: streams of one pretrained model are nested
+inside one replicate (reports average them before taking CIs over replicates; docs/protocol.md).
 
 No leakage: the held-out base rows scored for bits/byte come from the pretraining run's validation split (a
 surgery arm: the first eval_docs documents of eval_text); replay's base mixing draws from the pretraining
@@ -467,10 +470,21 @@ def write_meta(cfg: ContinualConfig, out: Path) -> None:
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "seeds": cfg.seeds, "orders": cfg.orders, "init": cfg.init or f"{cfg.surgery} ({cfg.surgery_arm})",
-            "started": old.get("started", now)}
+            "replicate": init_replicate(cfg), "started": old.get("started", now)}
     if old:
         meta["resumed"] = now
     write_json_atomic(path, meta)
+
+
+def init_replicate(cfg: ContinualConfig) -> int | None:
+    """The unit of replication of this run's streams: the pretraining seed of the init run (its config.yaml
+    `seed`); None for a surgery arm (one fixed HF model). docs/protocol.md."""
+    if not cfg.init:
+        return None
+    import yaml
+
+    seed = (yaml.safe_load((Path(cfg.init) / "config.yaml").read_text()) or {}).get("seed")
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
 
 def _mean(rows: list[dict], key: str) -> float:

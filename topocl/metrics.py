@@ -14,6 +14,7 @@ Forgetting has several incompatible definitions in common code; each is a separa
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Sequence
@@ -171,6 +172,98 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, level: float = 0.9
     lo = means[int((1 - level) / 2 * n_boot)]
     hi = means[min(n_boot - 1, int((1 + level) / 2 * n_boot))]
     return mean, lo, hi
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularized incomplete beta function (modified Lentz)."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _betai(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta I_x(a, b), 0 <= x <= 1."""
+    if x <= 0.0 or x >= 1.0:
+        return max(0.0, min(1.0, x))
+    lnf = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1) / (a + b + 2):
+        return math.exp(lnf) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(lnf) * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with df degrees of freedom."""
+    tt = t * t  # the lower tail mass P(|T| > |t|) / 2, from whichever argument of I_x is not close to 1
+    tail = 0.5 * (_betai(df / 2, 0.5, df / (df + tt)) if tt > df else 1.0 - _betai(0.5, df / 2, tt / (df + tt)))
+    return 1.0 - tail if t > 0 else tail
+
+
+@functools.lru_cache(maxsize=256)
+def t_quantile(p: float, df: float) -> float:
+    """The p-quantile of Student's t (bisection on t_cdf; |error| < 1e-10)."""
+    if not 0.0 < p < 1.0 or df <= 0:
+        raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0, got p={p}, df={df}")
+    lo, hi = -1e6, 1e6
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+        if hi - lo < 1e-10:
+            break
+    return (lo + hi) / 2
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the Student-t confidence interval of the mean, mean ± t_{(1+level)/2, n-1} · s/√n,
+    over independent values (NaN dropped). Fewer than two values: the interval is (NaN, NaN)."""
+    vals = [v for v in values if not math.isnan(v)]
+    if not vals:
+        return math.nan, math.nan, math.nan
+    n, mean = len(vals), sum(vals) / len(vals)
+    if n < 2:
+        return mean, math.nan, math.nan
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
+    half = t_quantile((1 + level) / 2, n - 1) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def crossover_interval(arm: dict, baseline: dict, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+                       ) -> tuple[int | None, int | None] | None:
+    """Percentile-bootstrap interval of `crossover` over independent units (replicates): `arm` and `baseline`
+    map unit -> A_k curve. Units both runs have are resampled together (paired), the rest on their own. In
+    each resample the crossover of the mean curves is taken; "never" counts as one past the last index and is
+    returned as None. None when either side has fewer than two units."""
+    if len(arm) < 2 or len(baseline) < 2:
+        return None
+    common = sorted(set(arm) & set(baseline), key=str)
+    a_only = sorted(set(arm) - set(common), key=str)
+    b_only = sorted(set(baseline) - set(common), key=str)
+    n = len(next(iter(arm.values())))
+    rng = random.Random(seed)
+
+    def mean(curves: list) -> list[float]:
+        return [nanmean(c[k] for c in curves) for k in range(n)]
+
+    xs = []
+    for _ in range(n_boot):
+        both = rng.choices(common, k=len(common)) if common else []
+        ka = both + (rng.choices(a_only, k=len(a_only)) if a_only else [])
+        kb = both + (rng.choices(b_only, k=len(b_only)) if b_only else [])
+        c = crossover(mean([arm[k] for k in ka]), mean([baseline[k] for k in kb]))
+        xs.append(n if c is None else c)
+    xs.sort()
+    lo, hi = xs[int((1 - level) / 2 * n_boot)], xs[min(n_boot - 1, int((1 + level) / 2 * n_boot))]
+    return (None if lo >= n else lo), (None if hi >= n else hi)
 
 
 SCALARS = {f.__name__: f for f in (acc, learning_acc, avg_incremental_acc, bwt_gem, bwt_all_pairs, fwt_gem,

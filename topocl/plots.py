@@ -139,3 +139,31 @@ def render_all(summary: dict, mats: dict[tuple, list[list[float]]], out: Path) -
               f"Base ability: {label}", x0=-1)
         figs.append((f"base_{metric}.png", f"Base ability over tasks: {label}"))
     return figs
+
+
+def _err(pts: list[dict], key: str) -> list[list[float]]:
+    """[[mean − low], [high − mean]] per point (0 where the CI is undefined) for errorbar."""
+    return [[0.0 if math.isnan(p[key]["ci_low"]) else p[key]["mean"] - p[key]["ci_low"] for p in pts],
+            [0.0 if math.isnan(p[key]["ci_high"]) else p[key]["ci_high"] - p[key]["mean"] for p in pts]]
+
+
+def frontier(arms: dict[str, list[dict]], path: Path, labels: dict[str, str] | None = None) -> None:
+    """Stability–plasticity frontier: F Chaudhry vs LA, one line per arm through its grid points (sorted by LA),
+    95% CIs as error bars on both axes; `labels`: run -> point label (its learning rate)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for arm, pts in arms.items():
+        xs, ys = [p["LA"]["mean"] for p in pts], [p["F"]["mean"] for p in pts]
+        bars = ax.errorbar(xs, ys, xerr=_err(pts, "LA"), yerr=_err(pts, "F"), marker="o", ms=4, capsize=2, lw=1.2,
+                           label=arm)
+        for x, y, p in zip(xs, ys, pts):
+            if labels and labels.get(p["run"]):
+                ax.annotate(labels[p["run"]], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points",
+                            color=bars[0].get_color())
+    ax.set_xlabel("learning accuracy LA (right after each task) ↑")
+    ax.set_ylabel("forgetting F Chaudhry ↓")
+    ax.set_title("Stability–plasticity frontier (95% CI bars over units of replication)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

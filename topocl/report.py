@@ -3,11 +3,13 @@
 Reads each run directory's results.jsonl, cost.json, config.yaml and meta.json (when present) and
 writes report.md, summary.json and PNGs: accuracy-matrix heatmaps and forgetting curves per run,
 average accuracy on seen tasks, retention vs delay, base ability over tasks, a table of all runs
-(mean [95% bootstrap CI] over seeds x task orders) and a cost table. The bootstrap has a fixed seed,
-so the same artifacts give byte-identical report.md (tests/fixtures/report/golden_report.md).
+(mean [95% Student-t CI] over units of replication: pretraining seeds, or streams of ONE pretrained model,
+said in each row), the stability–plasticity frontier (F vs LA per arm over its learning-rate grid, ΔF at
+matched LA) and a cost table. Bootstraps (the crossover interval) have a fixed seed, so the same artifacts give
+byte-identical report.md (tests/fixtures/report/golden_report.md).
 A run directory whose config.yaml says `reference: joint` is the joint reference for intransigence.
 With a --baseline or analysis artifacts (telemetry.jsonl, `topocl analyze`), an "H1/H2/H3 evidence" section
-states each hypothesis with its numbers (95% bootstrap CIs) and a computed verdict (evidence.json).
+states each hypothesis with its numbers and a computed verdict (evidence.json). docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import math
 from pathlib import Path
 
+from topocl.analysis.crossover import crossover_text
 from topocl.results import (
     COST_FIELDS,
     ResultsError,
@@ -25,6 +28,7 @@ from topocl.results import (
     matrices,
     read_run_dir,
     reference_runs,
+    replicate_map,
     summarize,
 )
 
@@ -81,17 +85,19 @@ def terminal_table(summary: dict) -> str:
 
 def _tables(summary: dict, setups: dict, joint: str | None, baseline: str | None) -> list[str]:
     md = ["## Retain probes (must still be known)", "",
-          "| run | setup | streams | " + " | ".join(h for _, h in RETAIN) + " | crossover |",
-          "|" + "---|" * (len(RETAIN) + 4)]
+          "| run | setup | streams | CI over | " + " | ".join(h for _, h in RETAIN) + " | crossover |",
+          "|" + "---|" * (len(RETAIN) + 5)]
     for run, s in summary.items():
         r = s.get("retain", {}).get("acc", {})
         if not baseline or run in (baseline, joint) or "acc" not in r:
             cross = "–"
         else:
-            cross = "never" if r.get("crossover") is None else f"after task {r['crossover']}"
-        md.append(f"| {run} | {setups.get(run, '')} | {s['n']['finished']}/{s['n']['streams']} | "
+            cross = crossover_text(r.get("crossover"), r.get("crossover_ci"))
+        md.append(f"| {run} | {setups.get(run, '')} | {s['n']['finished']}/{s['n']['streams']} | {s['n']['unit']} | "
                   + " | ".join(fmt(r.get(k)) for k, _ in RETAIN) + f" | {cross} |")
-    md += ["", "Streams = finished / started (seed, order) pairs; the CIs are over the finished ones. "
+    md += ["", "Streams = finished / started (seed, order) pairs; the CIs are over the finished ones' units "
+           "(CI over: pretraining seeds, each the mean of its nested streams, or else streams of one pretrained "
+           "model, which are not independent tests of a topology). "
            "ACC = final mean over tasks, LA = right after learning, BWT (GEM) < 0 = forgetting, F Chaudhry = best "
            "earlier score minus final (can be < 0), F Mammoth = the same with the final row in the max (≥ 0), "
            "FWT (GEM) vs the model before continual training, Ā = average incremental accuracy."]
@@ -99,7 +105,8 @@ def _tables(summary: dict, setups: dict, joint: str | None, baseline: str | None
               if joint else "I = intransigence: needs a joint reference run (config `reference: joint`).")
     if baseline:
         md.append(f"Crossover: first task after which the run's mean accuracy on seen tasks (A_k) exceeds "
-                  f"`{baseline}`'s and stays above to the end.")
+                  f"`{baseline}`'s and stays above to the end [95% percentile-bootstrap interval over the units, "
+                  "2000 resamples, seed 0; never = it does not cross].")
     md += ["", "## Update probes (deliberately contradicted later) and base ability", "",
            "| run | update: learned (LA) ↑ | update: stale at end ↓ | base acc start → end | "
            "base bits/byte start → end ↓ |", "|---|---|---|---|---|"]
@@ -116,16 +123,53 @@ def _tables(summary: dict, setups: dict, joint: str | None, baseline: str | None
 def _evidence(dirs: list[dict], rows: list[dict], out: Path, baseline: str | None, joint: str | None) -> list[str]:
     """The H1/H2/H3 evidence section (topocl/analysis/evidence.py) when a baseline is named or a run has analysis
     artifacts; the numbers also go to evidence.json."""
-    from topocl.analysis.artifacts import run_artifacts
+    from topocl.analysis.artifacts import artifacts_by_run
     from topocl.analysis.evidence import evidence, evidence_markdown
 
-    artifacts = {n: run_artifacts(d["dir"]) for d in dirs for n in d["runs"]}
+    artifacts = artifacts_by_run(dirs)
     if not baseline and not any(any(a.values()) for a in artifacts.values()):
         return []
-    ev = evidence(rows, artifacts, baseline, joint)
+    ev = evidence(rows, artifacts, baseline, joint, replicate_map(dirs))
     out.mkdir(parents=True, exist_ok=True)
     (out / "evidence.json").write_text(json.dumps(json_safe(ev), indent=1))
     return ["", *evidence_markdown(ev)]
+
+
+def _frontier(rows: list[dict], summary: dict, replicates: dict, configs: dict[str, dict], out: Path,
+              baseline: str | None, joint: str | None) -> list[str]:
+    """The stability–plasticity frontier section (topocl/analysis/frontier.py) and frontier.png."""
+    from topocl import plots
+    from topocl.analysis.frontier import arm_of, frontiers, knob, matched_delta
+
+    fr = frontiers(rows, replicates, exclude=[joint] if joint else [])
+    if not fr or not (baseline or any(len(p) > 1 for p in fr.values())):
+        return []
+    labels = {run: knob(c) for run, c in configs.items()}
+    md = ["", "## Stability–plasticity frontier (forgetting vs learning)", "",
+          "Forgetting is compared at matched new-task learning: each arm's runs over a learning-rate (or λ) grid "
+          "give points (LA, F Chaudhry), mean [95% t-CI] over units; runs `ARM-lr<x>` / `ARM-lam<x>` belong to "
+          "ARM, the grid point is read from config.yaml. ΔF at matched LA = F_arm(LA) − F_baseline(LA) on the "
+          "piecewise-linear frontiers, averaged over the overlap of both arms' LA ranges (never extrapolated); its "
+          "CI is over the units both arms have, each on its own points.", "",
+          "| arm | run | grid point | LA ↑ | F Chaudhry ↓ | n | CI over |", "|---|---|---|---|---|---|---|"]
+    for arm, pts in fr.items():
+        md += [f"| {arm} | {p['run']} | {labels.get(p['run']) or '–'} | {fmt(p['LA'])} | {fmt(p['F'])} | "
+               f"{p['LA']['n']} | {summary.get(p['run'], {}).get('n', {}).get('unit', '')} |" for p in pts]
+    base_arm = arm_of(baseline) if baseline else None
+    if base_arm in fr and len(fr) > 1:
+        md += ["", f"ΔF at matched LA vs `{base_arm}` (H2's statistic, verdict in the evidence section):", "",
+               "| arm | matched LA range | ΔF, mean frontiers | ΔF per unit, mean [95% t-CI] | n |",
+               "|---|---|---|---|---|"]
+        for arm, pts in fr.items():
+            if arm == base_arm:
+                continue
+            d = matched_delta(pts, fr[base_arm])
+            rng = d["pooled"]["range"]
+            span = "no overlap (not extrapolated)" if rng is None else f"[{rng[0]:.3f}, {rng[1]:.3f}]"
+            pooled = "–" if rng is None else f"{d['pooled']['mean']:.3f}"
+            md.append(f"| {arm} | {span} | {pooled} | {fmt(d['stats'])} | {d['stats']['n']} |")
+    plots.frontier(fr, out / "frontier.png", labels)
+    return md + ["", "![Stability–plasticity frontier](frontier.png)"]
 
 
 def pooled_costs(dirs: list[dict]) -> dict[str, dict]:
@@ -151,16 +195,20 @@ def write_report(run_dirs: list[Path], out: Path, baseline: str | None = None, j
     for name in (baseline, joint):
         if name and name not in names:
             raise ResultsError(f"run {name!r} is not among the runs {sorted(names)}")
-    summary = summarize(rows, joint_run=joint, baseline_run=baseline)
+    replicates = replicate_map(dirs)
+    summary = summarize(rows, joint_run=joint, baseline_run=baseline, replicates=replicates)
     by_run = {n: d for d in dirs for n in d["runs"]}
     setups = {n: describe(d["config"]) for n, d in by_run.items()}
     out.mkdir(parents=True, exist_ok=True)
     md = ["# TopoCL comparison report", "",
           f"Runs: {len(summary)} from {', '.join('`' + d['dir'].name + '`' for d in dirs)}. Scores are candidate "
-          "accuracy (`acc`), task-averaged; each cell is the mean [95% percentile-bootstrap CI, 2000 resamples, "
-          "seed 0] over seeds × task orders (the mean alone for one stream). Definitions: `topocl/metrics.py`; "
-          "every number is also in summary.json.", ""]
+          "accuracy (`acc`), task-averaged; each cell is the mean [95% Student-t CI] over the run's units of "
+          "replication, named in the CI over column: a replicate is one pretraining seed (continual seeds × task "
+          "orders nested in it are averaged first); without replicate information the units are the streams of "
+          "ONE pretrained model (the mean alone for one unit). Protocol: docs/protocol.md; definitions: "
+          "`topocl/metrics.py`; every number is also in summary.json.", ""]
     md += _tables(summary, setups, joint, baseline)
+    md += _frontier(rows, summary, replicates, {n: d["config"] for n, d in by_run.items()}, out, baseline, joint)
     md += _evidence(dirs, rows, out, baseline, joint)
     costs = pooled_costs(dirs)
     if costs:

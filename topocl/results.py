@@ -210,10 +210,60 @@ def base_curves(rows: list[dict], metric: str) -> dict[tuple, list[float]]:
 # ----------------------------------------------------------------------------- summary
 
 
-def stats(values: list[float]) -> dict:
-    """Mean and 95% percentile-bootstrap CI (fixed seed) of per-(seed, order) values, kept in that order."""
-    mean, lo, hi = M.bootstrap_ci(values)
-    return {"mean": mean, "ci_low": lo, "ci_high": hi, "n": len(values), "values": values}
+def stats(values: list[float], units: list | None = None) -> dict:
+    """Mean and 95% Student-t CI (metrics.t_interval) of independent per-unit values, kept in that order
+    (`units` names them). n counts the non-NaN values; with n < 2 the CI is NaN."""
+    mean, lo, hi = M.t_interval(values)
+    out = {"mean": mean, "ci_low": lo, "ci_high": hi, "n": sum(not math.isnan(v) for v in values), "values": values}
+    if units is not None:
+        out["units"] = units
+    return out
+
+
+def replicate_map(run_dirs: list[dict]) -> dict[tuple, int | str | None]:
+    """(run, seed, order) -> replicate of every stream in the run directories: the pretraining seed of the
+    model the stream started from (meta.json `replicate`, written by `topocl continual`); None when unknown."""
+    return {(r["run"], r["seed"], r["order"]): d["meta"].get("replicate") for d in run_dirs for r in d["rows"]}
+
+
+def unit_keys(streams: list[tuple[int, int]], reps: dict[tuple[int, int], object]) -> dict[tuple, object]:
+    """(seed, order) -> its unit of replication. When any stream knows its replicate (pretraining seed), the
+    unit is the replicate ("?" for streams that do not say) and the streams nested in it are averaged first;
+    else every (seed, order) stream is a unit (they all continue one pretrained model)."""
+    if any(reps.get(k) is not None for k in streams):
+        return {k: reps.get(k) if reps.get(k) is not None else "?" for k in streams}
+    return {k: k for k in streams}
+
+
+def unit_label(streams: list[tuple[int, int]], reps: dict[tuple[int, int], object]) -> str:
+    """What a CI over these streams is over, in words."""
+    if not streams:
+        return "no units"
+    units = unit_keys(streams, reps)
+    seeds, orders = len({s for s, _ in streams}), len({o for _, o in streams})
+    nested = f"{seeds} continual seed{'s' * (seeds != 1)} × {orders} order{'s' * (orders != 1)}"
+    if any(isinstance(u, tuple) for u in units.values()):
+        return f"{len(streams)} streams ({nested}) of ONE pretrained model"
+    per = sorted({list(units.values()).count(u) for u in set(units.values())})
+    n = len(set(units.values()))
+    k = "–".join(map(str, per)) if len(per) > 1 else str(per[0])
+    return (f"{n} pretraining seed{'s' * (n != 1)} (replicates; the {k} stream{'s' * (per != [1])} of each "
+            "averaged first)")
+
+
+def by_unit(values: dict[tuple[int, int], float], reps: dict[tuple[int, int], object]) -> dict:
+    """(seed, order) -> value  =>  unit -> mean of its streams' values (NaN-skipping), units sorted."""
+    units = unit_keys(sorted(values), reps)
+    groups: dict = defaultdict(list)
+    for k, v in values.items():
+        groups[units[k]].append(v)
+    return {u: M.nanmean(groups[u]) for u in sorted(groups, key=str)}
+
+
+def unit_stats(values: dict[tuple[int, int], float], reps: dict[tuple[int, int], object]) -> dict:
+    """stats over units of per-stream values (streams nested in a replicate averaged first)."""
+    u = by_unit(values, reps)
+    return stats(list(u.values()), [list(k) if isinstance(k, tuple) else k for k in u])
 
 
 def _pointwise_mean(curves: list[list[float]]) -> list[float]:
@@ -221,14 +271,26 @@ def _pointwise_mean(curves: list[list[float]]) -> list[float]:
     return [M.nanmean(c[i] for c in curves) for i in range(n)]
 
 
-def _block(mats: list[list[list[float]]]) -> dict:
-    block = {name: stats([fn(R) for R in mats]) for name, fn in M.SCALARS.items()}
-    delays = [M.retention_by_delay(R) for R in mats]
-    block["retention_by_delay"] = {d: stats([x[d] for x in delays]) for d in delays[0]}
-    block["forgetting_trajectory"] = _pointwise_mean([M.forgetting_trajectory(R) for R in mats])
-    curves = [M.avg_acc_curve(R) for R in mats]
-    block["avg_acc_curve"] = _pointwise_mean(curves)
-    block["avg_acc_curve_ci"] = [list(M.bootstrap_ci([c[k] for c in curves])[1:]) for k in range(len(curves[0]))]
+def unit_curves(curves: dict[tuple[int, int], list[float]], reps: dict[tuple[int, int], object]) -> dict:
+    """(seed, order) -> curve  =>  unit -> pointwise mean curve of its streams."""
+    units = unit_keys(sorted(curves), reps)
+    groups: dict = defaultdict(list)
+    for k, c in curves.items():
+        groups[units[k]].append(c)
+    return {u: _pointwise_mean(groups[u]) for u in sorted(groups, key=str)}
+
+
+def _block(mats: dict[tuple[int, int], list[list[float]]], reps: dict) -> dict:
+    block = {name: unit_stats({k: fn(R) for k, R in mats.items()}, reps) for name, fn in M.SCALARS.items()}
+    delays = {k: M.retention_by_delay(R) for k, R in mats.items()}
+    first = next(iter(delays.values()))
+    block["retention_by_delay"] = {d: unit_stats({k: x[d] for k, x in delays.items()}, reps) for d in first}
+    block["forgetting_trajectory"] = _pointwise_mean(list(unit_curves(
+        {k: M.forgetting_trajectory(R) for k, R in mats.items()}, reps).values()))
+    curves = unit_curves({k: M.avg_acc_curve(R) for k, R in mats.items()}, reps)
+    block["avg_acc_curve"] = _pointwise_mean(list(curves.values()))
+    block["avg_acc_curve_ci"] = [list(M.t_interval([c[k] for c in curves.values()])[1:])
+                                 for k in range(len(block["avg_acc_curve"]))]
     return block
 
 
@@ -242,52 +304,66 @@ def _joint_for(joint: dict[tuple, list], seed: int, order: int) -> list[list[flo
     return [[M.nanmean(R[i][j] for R in same) for j in range(len(same[0][0]))] for i in range(len(same[0]))]
 
 
-def summarize(rows: list[dict], joint_run: str | None = None, baseline_run: str | None = None) -> dict:
+def summarize(rows: list[dict], joint_run: str | None = None, baseline_run: str | None = None,
+              replicates: dict[tuple, object] | None = None) -> dict:
     """Every named metric per run: {run: {"n": ..., kind: {metric: {name: ...}}}}.
 
+    The unit of every CI is the replicate (`replicates`: (run, seed, order) -> pretraining seed, see
+    replicate_map): the streams (continual seeds x orders) nested in one replicate are averaged first. Without
+    replicates every (seed, order) stream is a unit, and n["unit"] says they continue ONE pretrained model.
     retain/update, per metric in SCORES, over finished streams (retain: complete R only):
-        every name in metrics.SCALARS, retention_by_delay {d: ...}  -> stats (mean, 95% CI, per-stream values)
+        every name in metrics.SCALARS, retention_by_delay {d: ...}  -> stats (mean, 95% t-CI, per-unit values)
         avg_acc_curve (A_k, k = 1..T) with avg_acc_curve_ci, forgetting_trajectory (F_k, k = 2..T): pointwise means
         intransigence (retain, vs `joint_run` with the same order): stats of mean_k I_k
-        crossover (retain acc, vs `baseline_run`): after_task index from which mean A_k stays above the baseline's
+        crossover (retain acc, vs `baseline_run`): after_task index from which mean A_k stays above the
+        baseline's, and crossover_ci: its 95% bootstrap interval over units ([low, high], None = never)
       For update probes `acc` is the stale-answer rate (old answer still preferred after the overwrite);
       their forgetting_* values are overwrite rates, so higher means updated.
     base, per metric present (acc, em, nll, bpb): base_ability {curve (mean per after_task -1, 0, ...),
         initial, final, change (stats)}.
-    Stats "values" are ordered by (seed, order)."""
+    Stats "values" are ordered by unit (listed in "units")."""
     out: dict = {}
+    replicates = replicates or {}
     joint = {(s, o): R for (r, s, o), R in matrices(rows, "retain", "acc").items() if r == joint_run and finished(R)}
+    curves: dict[str, dict] = {}
     for run in sorted({r["run"] for r in rows}):
         mine = [r for r in rows if r["run"] == run]
         prog = progress(mine)
-        s = out[run] = {"n": {"streams": len(prog), "finished": sum(d == t for d, t in prog.values()),
-                              "tasks": max(t for _, t in prog.values())}}
+        reps = {(s, o): replicates.get((run, s, o)) for _, s, o in prog}
+        done = [(s, o) for (_, s, o), (d, t) in sorted(prog.items()) if d == t]
+        s = out[run] = {"n": {"streams": len(prog), "finished": len(done), "tasks": max(t for _, t in prog.values()),
+                              "units": len(set(unit_keys(done, reps).values())), "unit": unit_label(done, reps)}}
         for kind in ("retain", "update"):
             for metric in SCORES:
-                Rs = matrices(mine, kind, metric)
-                keep = [k for k, R in Rs.items() if (complete(R) if kind == "retain" else finished(R))]
-                if not keep or len({len(Rs[k]) for k in keep}) > 1:
+                Rs = {(k[1], k[2]): R for k, R in matrices(mine, kind, metric).items()}
+                keep = {k: R for k, R in Rs.items() if (complete(R) if kind == "retain" else finished(R))}
+                if not keep or len({len(R) for R in keep.values()}) > 1:
                     continue
-                block = s.setdefault(kind, {})[metric] = _block([Rs[k] for k in keep])
+                block = s.setdefault(kind, {})[metric] = _block(keep, reps)
                 if kind != "retain" or metric != "acc":
                     continue
+                curves[run] = unit_curves({k: M.avg_acc_curve(R) for k, R in keep.items()}, reps)
                 if joint and run != joint_run:
-                    pairs = [(Rs[k], _joint_for(joint, k[1], k[2])) for k in keep]
-                    vals = [M.nanmean(M.intransigence(R, J)) for R, J in pairs if J is not None and len(J) == len(R)]
+                    pairs = {k: (R, _joint_for(joint, *k)) for k, R in keep.items()}
+                    vals = {k: M.nanmean(M.intransigence(R, J)) for k, (R, J) in pairs.items()
+                            if J is not None and len(J) == len(R)}
                     if vals:
-                        block["intransigence"] = stats(vals)
+                        block["intransigence"] = unit_stats(vals, reps)
         for metric in sorted({r["metric"] for r in mine if r["kind"] == "base"}):
-            curves = list(base_curves(mine, metric).values())
-            n = min(len(c) for c in curves)
-            parts = [M.base_ability(c[:n]) for c in curves]
+            bc = {(k[1], k[2]): c for k, c in base_curves(mine, metric).items()}
+            n = min(len(c) for c in bc.values())
+            parts = {k: M.base_ability(c[:n]) for k, c in bc.items()}
             s.setdefault("base", {})[metric] = {"base_ability": {
-                "curve": _pointwise_mean(curves), **{k: stats([p[k] for p in parts]) for k in parts[0]}}}
+                "curve": _pointwise_mean(list(unit_curves(bc, reps).values())),
+                **{name: unit_stats({k: p[name] for k, p in parts.items()}, reps) for name in M.base_ability([0.0])}}}
     base_curve = out.get(baseline_run, {}).get("retain", {}).get("acc", {}).get("avg_acc_curve")
     for run, s in out.items():
         block = s.get("retain", {}).get("acc")
         if base_curve and block and run not in (baseline_run, joint_run):
             if len(block["avg_acc_curve"]) == len(base_curve):
                 block["crossover"] = M.crossover(block["avg_acc_curve"], base_curve)
+                ci = M.crossover_interval(curves[run], curves[baseline_run])
+                block["crossover_ci"] = list(ci) if ci else None
     return out
 
 
@@ -313,7 +389,7 @@ def cli(argv: list[str]) -> int:
     dirs = [read_run_dir(p) for p in args.results if Path(p).is_dir()]
     rows = load_rows(*args.results)
     joint = args.joint or next((n for n, ref in reference_runs(dirs).items() if ref == "joint"), None)
-    out = summarize(rows, joint, args.baseline)
+    out = summarize(rows, joint, args.baseline, replicate_map(dirs))
     for d in dirs:
         for name in d["runs"]:
             if d["cost"] and name in out:

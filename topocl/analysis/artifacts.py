@@ -43,3 +43,16 @@ def run_artifacts(run_dir: str | Path) -> dict[str, list[dict]]:
             if f.is_file():
                 out[key] += [{**r, "seed": seed, "order": order} for r in read_jsonl(f)]
     return out
+
+
+def artifacts_by_run(run_dirs: list[dict]) -> dict[str, dict[str, list[dict]]]:
+    """Run name -> run_artifacts pooled over every directory holding that run (a sweep writes one directory
+    per replicate and order under one run name); `run_dirs` are topocl.results.read_run_dir dicts."""
+    out: dict[str, dict[str, list[dict]]] = {}
+    for d in run_dirs:
+        art = run_artifacts(d["dir"])
+        for n in d["runs"]:
+            mine = out.setdefault(n, {k: [] for k in art})
+            for k, rs in art.items():
+                mine[k] += rs
+    return out

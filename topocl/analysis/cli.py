@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from topocl.analysis.artifacts import STAGES, run_artifacts
+from topocl.analysis.artifacts import STAGES, artifacts_by_run
 from topocl.analysis.render import write_analysis
 from topocl.analysis.stages import analyze_run
-from topocl.results import load_rows, read_run_dir, reference_runs
+from topocl.results import load_rows, read_run_dir, reference_runs, replicate_map
 
 
 def cli(argv: list[str]) -> int:
@@ -44,16 +44,14 @@ def cli(argv: list[str]) -> int:
     for name in (args.baseline, args.joint):
         if name and name not in names:
             raise ValueError(f"run {name!r} is not among the runs {sorted(names)}")
-    artifacts = {}
     for d in dirs:
         if stages and not any(n in refs for n in d["runs"]):
             for note in analyze_run(d["dir"], stages, args.device, [r for r in args.graft_roles.split(",") if r],
                                     args.max_probes):
                 print(note)
-        for n in d["runs"]:
-            artifacts[n] = run_artifacts(d["dir"])
+    artifacts = artifacts_by_run(dirs)
     joint = args.joint or next((n for n, ref in sorted(refs.items()) if ref == "joint"), None)
     out = args.out or (args.runs[0] / "analysis" if len(args.runs) == 1 else args.runs[0].parent / "analysis")
-    path = write_analysis(rows, artifacts, out, args.baseline, joint)
+    path = write_analysis(rows, artifacts, out, args.baseline, joint, replicate_map(dirs))
     print(f"analysis: {path}")
     return 0

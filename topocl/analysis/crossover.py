@@ -2,10 +2,11 @@
 fine-tuning ceiling. No torch (reports use it).
 
 Curves are A_k (mean retain accuracy on the tasks seen so far after task k, k = 0.. in training order), the
-mean over seeds x orders, as `topocl.results.summarize` gives them. The crossover is `metrics.crossover`: the
-first k from which the arm stays strictly above the baseline to the end (None = never). The ceiling is the
-joint reference's best A_k (the initial model trained on tasks 0..k together): what the dense model reaches
-when it is allowed to see everything.
+mean over units of replication, as `topocl.results.summarize` gives them. The crossover is `metrics.crossover`:
+the first k from which the arm stays strictly above the baseline to the end (None = never); its 95% interval
+is a percentile bootstrap over units (replicates; `metrics.crossover_interval`, units both runs have are
+resampled together). The ceiling is the joint reference's best A_k (the initial model trained on tasks 0..k
+together): what the dense model reaches when it is allowed to see everything.
 """
 
 from __future__ import annotations
@@ -24,15 +25,28 @@ def ceiling(joint_curve: Sequence[float]) -> float:
 
 
 def crossover_analysis(arm: Sequence[float], baseline: Sequence[float],
-                       joint: Sequence[float] | None = None) -> dict:
-    """{"crossover": k | None, "final_gap": arm[-1] − baseline[-1], "tasks_above": how many k the arm is above,
-    "ceiling": best joint score (NaN without joint), "final_vs_ceiling": arm[-1] − ceiling}."""
+                       joint: Sequence[float] | None = None, arm_units: dict | None = None,
+                       base_units: dict | None = None) -> dict:
+    """{"crossover": k | None, "crossover_ci": [low, high] (None = never) or None, "final_gap": arm[-1] −
+    baseline[-1], "tasks_above": how many k the arm is above, "ceiling": best joint score (NaN without joint),
+    "final_vs_ceiling": arm[-1] − ceiling}. `arm_units` / `base_units`: unit -> curve, for the interval."""
     if len(arm) != len(baseline) or not arm:
         raise ValueError(f"curves must be non-empty and of equal length, got {len(arm)} and {len(baseline)}")
     top = ceiling(joint) if joint else math.nan
-    return {"crossover": M.crossover(arm, baseline), "final_gap": arm[-1] - baseline[-1],
-            "tasks_above": sum(a > b for a, b in zip(arm, baseline)), "ceiling": top,
-            "final_vs_ceiling": arm[-1] - top}
+    ci = M.crossover_interval(arm_units, base_units) if arm_units and base_units else None
+    return {"crossover": M.crossover(arm, baseline), "crossover_ci": list(ci) if ci else None,
+            "final_gap": arm[-1] - baseline[-1], "tasks_above": sum(a > b for a, b in zip(arm, baseline)),
+            "ceiling": top, "final_vs_ceiling": arm[-1] - top}
+
+
+def when(k: int | None) -> str:
+    return "never" if k is None else f"after task {k}"
+
+
+def crossover_text(k: int | None, ci: list | None) -> str:
+    """'after task 1 [0, never]': the crossover and its 95% interval over units (no interval: n < 2)."""
+    return when(k) + (f" [{when(ci[0]).removeprefix('after task ')}, {when(ci[1]).removeprefix('after task ')}]"
+                      if ci else "")
 
 
 def plot_crossover(arm_name: str, arm: Sequence[float], base_name: str, baseline: Sequence[float],

@@ -8,12 +8,15 @@ re-score every probe:
     recover  group G from checkpoint j + 1 (right after task j): G as it was when task j was just learned. A
              gain on task j's probes (grafted − final > 0) says task j's knowledge in G was overwritten later.
 
-Groups: `slow` and `fast` (the model's pathway roles, DESIGN.md table) when it has them, else every role
-but embed / head / norm; plus any extra roles asked for (a prefix such as `attn` covers its sub-roles).
+Groups cover every parameter: `slow` and `fast` (the model's pathway roles, DESIGN.md table) when it has
+them, and every other role on its own (MLP, embeddings, head, norms, ...; a dense model: every role); plus any
+extra roles asked for (a prefix such as `attn` covers its sub-roles).
 Rows (seed{S}-order{O}/analysis/graft.jsonl), one per (group, mode, task j, eval task, kind, type):
 
     {"group", "roles", "mode", "task", "source_ckpt", "eval_task", "kind", "type", "metric": "acc",
-     "value" (grafted), "final" (the ungrafted final model)}
+     "value" (grafted), "final" (the ungrafted final model),
+     "moved" (whether the grafted weights differ from the final ones: false for a frozen group, whose graft
+              changes nothing, so its "drop" of 0 is not evidence of anything)}
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from torch import Tensor, nn
 from topocl.analysis.load import Stream, score_by_group
 
 MODES = ("remove", "recover")
-FIXED = ("embed", "head", "norm")
 
 
 def role_names(model: nn.Module, roles: list[str]) -> list[str]:
@@ -45,13 +47,13 @@ def graft(model: nn.Module, source: dict[str, Tensor], names: list[str]) -> None
 
 
 def graft_groups(model: nn.Module, extra: list[str] | None = None) -> dict[str, list[str]]:
-    """Group name -> roles: slow / fast pathways if the model has them, else each non-fixed role; plus `extra`."""
+    """Group name -> roles: slow / fast pathways if the model has them, then every other role on its own (so
+    every parameter is in a group); plus `extra`."""
     base = getattr(model, "module", model)
     slow, fast = base.pathway_roles()
-    if slow or fast:
-        groups = {k: sorted(v) for k, v in (("slow", slow), ("fast", fast)) if v}
-    else:
-        groups = {r: [r] for r in sorted(set(base.param_roles().values())) if r not in FIXED}
+    roles = set(base.param_roles().values())
+    groups = {k: sorted(v & roles) for k, v in (("slow", slow), ("fast", fast)) if v & roles}
+    groups.update({r: [r] for r in sorted(roles - slow - fast)})
     for r in extra or []:
         groups[r] = [r]
     return groups
@@ -75,10 +77,12 @@ def run_graft(st: Stream, groups: dict[str, list[str]] | None = None, tasks: lis
                 raise ValueError(f"graft mode {mode!r}: use {' | '.join(MODES)}")
             for j in tasks if tasks is not None else range(n):
                 k = j if mode == "remove" else j + 1
-                graft(st.model, st.weights(k), names)
+                source = st.weights(k)
+                moved = any(not torch.equal(source[n].to(final[n].device), final[n]) for n in names)
+                graft(st.model, source, names)
                 for (e, kind, typ), acc in score_by_group(st).items():
                     rows.append({"group": g, "roles": ",".join(roles), "mode": mode, "task": j, "source_ckpt": k,
                                  "eval_task": e, "kind": kind, "type": typ, "metric": "acc", "value": acc,
-                                 "final": base_scores[(e, kind, typ)]})
+                                 "final": base_scores[(e, kind, typ)], "moved": moved})
                 graft(st.model, final, names)
     return rows

@@ -1,7 +1,8 @@
 """analysis.md + PNGs from analysis artifacts (telemetry, graft, routing, sparsity) and results rows. No torch.
 
-Every table is a mean over seeds x orders (and over layers / tasks where a row says so); every number is
-also in analysis.json.
+Every table of measures is a mean over seeds x orders (and over layers / tasks where a row says so); the
+evidence and crossover intervals are over units of replication (pretraining seeds; docs/protocol.md); every
+number is also in analysis.json.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from topocl.analysis.crossover import crossover_analysis, plot_crossover
+from topocl.analysis.crossover import crossover_analysis, crossover_text, plot_crossover
 from topocl.analysis.evidence import evidence, evidence_markdown
 from topocl.metrics import nanmean
 from topocl.results import json_safe, summarize
@@ -135,29 +136,33 @@ def sparsity_md(run: str, rows: list[dict]) -> list[str]:
 
 
 def write_analysis(rows: list[dict], artifacts: dict[str, dict[str, list[dict]]], out: Path,
-                   baseline: str | None = None, joint: str | None = None) -> Path:
-    """analysis.md, analysis.json and PNGs in `out` from results rows and per-run analysis artifacts."""
+                   baseline: str | None = None, joint: str | None = None,
+                   replicates: dict[tuple, object] | None = None) -> Path:
+    """analysis.md, analysis.json and PNGs in `out` from results rows and per-run analysis artifacts;
+    `replicates`: (run, seed, order) -> pretraining seed (topocl.results.replicate_map)."""
     out.mkdir(parents=True, exist_ok=True)
     md = ["# TopoCL analysis", "", "Artifacts: telemetry.jsonl (during the run), analysis/{graft,routing,"
           "sparsity}.jsonl (`topocl analyze`) in each seed{S}-order{O} directory.", ""]
-    ev = evidence(rows, artifacts, baseline, joint)
+    ev = evidence(rows, artifacts, baseline, joint, replicates)
     md += evidence_markdown(ev)
-    summary = summarize(rows, joint, baseline) if rows else {}
+    summary = summarize(rows, joint, baseline, replicates) if rows else {}
     cross = {}
     base_curve = summary.get(baseline, {}).get("retain", {}).get("acc", {}).get("avg_acc_curve") if baseline else None
     joint_curve = summary.get(joint, {}).get("retain", {}).get("acc", {}).get("avg_acc_curve") if joint else None
     if base_curve:
-        md += ["## Crossover", "", "| run | crossover | tasks above baseline | final gap | dense ceiling | "
-               "final − ceiling |", "|---|---|---|---|---|---|"]
+        md += ["## Crossover", "", "Crossover [95% bootstrap interval over units of replication].", "",
+               "| run | crossover | tasks above baseline | final gap | dense ceiling | final − ceiling |",
+               "|---|---|---|---|---|---|"]
         for run, s in summary.items():
             curve = s.get("retain", {}).get("acc", {}).get("avg_acc_curve")
             if run in (baseline, joint) or not curve or len(curve) != len(base_curve):
                 continue
             c = cross[run] = crossover_analysis(curve, base_curve, joint_curve)
+            c["crossover_ci"] = s["retain"]["acc"].get("crossover_ci")
             name = f"{run}_crossover.png"
             plot_crossover(run, curve, baseline, base_curve, c, out / name, joint_curve)
-            when = "never" if c["crossover"] is None else f"after task {c['crossover']}"
-            md += [f"| {run} | {when} | {c['tasks_above']}/{len(curve)} | {_f(c['final_gap'])} | "
+            md += [f"| {run} | {crossover_text(c['crossover'], c['crossover_ci'])} | {c['tasks_above']}/{len(curve)} | "
+                   f"{_f(c['final_gap'])} | "
                    f"{_f(c['ceiling'])} | {_f(c['final_vs_ceiling'])} |"]
         md += [""] + [f"![crossover {r}]({r}_crossover.png)" for r in cross] + [""]
     for run, art in artifacts.items():
