@@ -21,16 +21,19 @@ from topocl.params import count, match_dense
 from topocl.registry import ATTENTION
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "pretrain"
-KINDS = ["dense", "split", "nsa", "nsa_gather", "dsa", "dsa_gather"]  # *_gather = impl=gather (the fast paths)
+KINDS = ["dense", "split", "split_block", "nsa", "nsa_block", "nsa_gather", "dsa", "dsa_block", "dsa_gather"]
+# plain = impl=mask (the reference); *_block / *_gather = the fast paths
 MODELS = KINDS + ["moe"]  # "moe" = dense attention + moe FFN
-SMALL = {"split": SplitConfig(topk=3), "nsa": NSAConfig(cmp_block=4, cmp_stride=2, sel_block=4, n_sel=3, window=4),
-         "dsa": DSAConfig(topk=4, index_heads=2, index_dim=8, index_rope_dim=4, shared_heads=2)}
+SMALL = {"split": SplitConfig(topk=3, impl="mask"),
+         "nsa": NSAConfig(cmp_block=4, cmp_stride=2, sel_block=4, n_sel=3, window=4, impl="mask"),
+         "dsa": DSAConfig(topk=4, index_heads=2, index_dim=8, index_rope_dim=4, shared_heads=2, impl="mask")}
 ROLES = {"dense": {"attn.q", "attn.k", "attn.v", "attn.o", "mlp"},
          "split": {"attn.dense_heads", "attn.sparse_heads", "mlp"},
-         "nsa": {"attn.cmp", "attn.slc", "attn.win", "attn.gate", "attn.q", "attn.o", "mlp"},
-         "dsa": {"attn.indexer", "attn.shared_heads", "attn.routed_heads", "attn.o", "mlp"},
+         "nsa": {"attn.cmp", "attn.slc", "attn.win", "attn.q", "attn.o", "mlp"},  # gate rows live in their branch
+         "dsa": {"attn.indexer", "attn.shared_heads", "attn.routed_heads", "mlp"},  # o_proj split by head group
          "moe": {"attn.q", "attn.k", "attn.v", "attn.o", "ffn.shared_expert", "ffn.routed_expert", "ffn.router"}}
-ROLES["nsa_gather"], ROLES["dsa_gather"] = ROLES["nsa"], ROLES["dsa"]
+for _k in KINDS:
+    ROLES.setdefault(_k, ROLES[_k.split("_")[0]])
 
 
 def cfg(kind: str, **kw) -> ModelConfig:
@@ -39,9 +42,9 @@ def cfg(kind: str, **kw) -> ModelConfig:
         kind = "dense"
     if kind in SMALL and kind not in kw:
         kw[kind] = SMALL[kind]
-    if kind.endswith("_gather"):
-        kind = kind.removesuffix("_gather")
-        kw[kind] = dataclasses.replace(kw.pop(kind, SMALL[kind]), impl="gather")
+    if "_" in kind:
+        kind, impl = kind.split("_")
+        kw[kind] = dataclasses.replace(kw.pop(kind, SMALL[kind]), impl=impl)
     return ModelConfig(vocab_size=40, n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=40, attention=kind,
                        **kw)
 
@@ -108,7 +111,7 @@ def dense_twin(kind: str, m, c: ModelConfig, branch: str = "slc"):
     elif kind == "dsa":
         for name in ("q_proj", "k_proj", "v_proj"):
             w[name] = torch.cat([getattr(m.shared, name).weight, getattr(m.routed, name).weight])
-        w["o_proj"] = m.o_proj.weight
+        w["o_proj"] = torch.cat([m.shared.o_proj.weight, m.routed.o_proj.weight], dim=1)
     elif kind == "nsa":
         kv = getattr(m, branch)
         w = {"q_proj": m.q_proj.weight, "k_proj": kv.k_proj.weight, "v_proj": kv.v_proj.weight,
@@ -122,7 +125,8 @@ def dense_twin(kind: str, m, c: ModelConfig, branch: str = "slc"):
 FULL = {"dense": {}, "split": {"split": SplitConfig(topk=64)},
         "nsa": {"nsa": NSAConfig(cmp_block=4, cmp_stride=2, sel_block=4, n_sel=4, window=16)},
         "dsa": {"dsa": DSAConfig(topk=64, index_heads=2, index_dim=8, index_rope_dim=4, shared_heads=2)}}
-FULL["nsa_gather"], FULL["dsa_gather"] = FULL["nsa"], FULL["dsa"]
+for _k in KINDS:
+    FULL.setdefault(_k, FULL[_k.split("_")[0]])
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -148,13 +152,13 @@ def test_full_budget_equals_dense_with_same_weights(kind):
 def fix_selection(kind: str, m, t: int, monkeypatch) -> None:
     """Hold the sparse selection fixed (random but causal), so the layer is a smooth function of x."""
     g = torch.Generator().manual_seed(1)
-    if kind == "split":
+    if kind.startswith("split"):
         keep = topk_mask(torch.rand(1, 2, t, t, generator=g), 3, causal_mask(t))
         monkeypatch.setattr(split_mod, "topk_mask", lambda *a, **k: keep)
     elif kind.startswith("nsa"):
         sel = nsa_mod.select_blocks(torch.rand(1, 2, t, -(-t // 4), generator=g, dtype=torch.float64), 4, 2, 1, 1)
         monkeypatch.setattr(m, "select", lambda *a, **k: sel)
-    elif kind == "dsa":
+    elif kind in ("dsa", "dsa_block"):  # one block (t <= 128)
         keep = topk_mask(torch.rand(1, t, t, generator=g), 3, causal_mask(t))
         monkeypatch.setattr(m, "select", lambda index, visible: keep)
     elif kind == "dsa_gather":  # one chunk: the index top-k (and the recall stat's) come from topk_mask
@@ -390,7 +394,7 @@ def test_nsa_window_gates_give_zero_grads_to_cmp_and_slc():
     for name, p in m.named_parameters():
         if roles[name] in ("attn.cmp", "attn.slc"):
             assert p.grad is None or p.grad.abs().max().item() == 0.0, name
-        elif roles[name] != "attn.gate":  # forced gates bypass the gate projection
+        elif ".gate." not in f".{name}":  # forced gates bypass the gate projections
             assert p.grad is not None and p.grad.abs().max().item() > 0, name
 
 
@@ -527,7 +531,7 @@ def test_dsa_gather_path_matches_the_mask_path_forward_and_backward(shared_heads
     assert {k: v.item() for k, v in a0.items()} == pytest.approx({k: v.item() for k, v in a1.items()}, abs=1e-9)
     assert 0 < a1["stat.dsa_recall"].item() < 1 and a1["stat.dsa_kl"].item() > 0
     with pytest.raises(ValueError, match="gather"):
-        module("dsa_gather", dsa=dataclasses.replace(dc, phase="warmup"))
+        module("dsa_gather", dsa=dataclasses.replace(dc, kl_support="dense"))
 
 
 # ----------------------------------------------------------------------------- presets and the matched control
@@ -573,3 +577,63 @@ def test_matched_dense_control_errors_and_cli(capsys):
     c.vocab_size = 2048
     assert f"model.d_ff={match_dense(c).d_ff} " in text
     assert all(role in text for role in ROLES["nsa"])
+
+
+# ----------------------------------------------------------------------------- DSA two-stage recipe
+
+
+def test_dsa_schedule_warms_up_the_indexer_alone_then_trains_everything_sparse():
+    """Steps < warmup_steps: phase warmup (dense attention) and, with warmup_trains=indexer, only attn.indexer
+    moves (no gradient, no AdamW update or decay elsewhere); from warmup_steps on: top-k and every role trains."""
+    from topocl.config import TrainConfig
+    from topocl.optim import build_optimizer
+    from topocl.train import train_steps
+
+    torch.manual_seed(0)
+    dc = dataclasses.replace(SMALL["dsa"], warmup_steps=2, warmup_trains="indexer", impl="auto")
+    m = GPT(cfg("dsa", dsa=dc))
+    tc = TrainConfig(steps=4, batch_size=2, lr=1e-2, warmup_steps=0)
+    opt = build_optimizer(m, tc)
+    roles = m.param_roles()
+    rows = torch.randint(0, 40, (2, 25))
+    snaps, phases, fracs = [], [], []
+    phase = dsa_mod.schedule(m, 0, opt)
+    for r in train_steps(m, opt, lambda s: rows, range(4), cfg=tc, device=torch.device("cpu")):
+        phases.append(phase)
+        fracs.append(r.aux["stat.dsa_key_frac"])
+        snaps.append({n: p.detach().clone() for n, p in m.named_parameters()})
+        phase = dsa_mod.schedule(m, r.step + 1, opt)
+    assert phases == ["warmup", "warmup", "sparse", "sparse"]
+    assert fracs[0] == fracs[1] == 1.0 and fracs[2] < 1.0  # dense attention in warm-up, top-k after
+    start = dict(m.named_parameters())
+    moved = [{n for n in roles if not torch.equal(a[n], b[n])} for a, b in zip(snaps, snaps[1:])]
+    indexer = {n for n, role in roles.items() if role == "attn.indexer"}
+    assert moved[0] == indexer  # warm-up step 2: the indexer alone
+    assert moved[2] == set(roles)  # sparse stage: everything
+    assert all(p.requires_grad for p in start.values())
+    with pytest.raises(ValueError, match="warmup_trains"):
+        module("dsa", dsa=dataclasses.replace(dc, warmup_trains="rest"))
+    with pytest.raises(ValueError, match="kl_coeff"):
+        module("dsa", dsa=dataclasses.replace(dc, kl_coeff=0.0))
+
+
+def test_pretrain_logs_the_dsa_stage_and_the_recall_per_stage(tmp_path):
+    from topocl.cli import main
+
+    out = tmp_path / "run"
+    tiny = ["model.n_layer=1", "model.d_model=32", "model.n_head=4", "model.n_kv_head=2", "model.max_seq_len=32",
+            "data.synthetic_docs=200", "data.vocab_size=300", "data.seq_len=32", "train.batch_size=4",
+            "train.warmup_steps=1", "train.log_every=1", "train.eval_every=10", "train.eval_batches=1", "samples=0",
+            "probe=false", "train.steps=5", "model.dsa.warmup_steps=3", "model.dsa.topk=4", f"out_dir={out}"]
+    assert main(["pretrain", str(PRESET_DIR / "tiny-dsa.yaml"), *tiny]) == 0
+    import json
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "train_loss" in r]
+    assert [r["dsa_phase"] for r in steps] == ["warmup"] * 3 + ["sparse"] * 2
+    assert all(r["stat.dsa_key_frac"] == 1.0 for r in steps[:3]) and all(r["stat.dsa_key_frac"] < 1 for r in steps[3:])
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["dsa_recall"]) == {"warmup", "sparse"}
+    for phase in ("warmup", "sparse"):
+        vals = [r["stat.dsa_recall"] for r in steps if r["dsa_phase"] == phase]
+        assert summary["dsa_recall"][phase] == pytest.approx(sum(vals) / len(vals))
