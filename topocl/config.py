@@ -84,6 +84,7 @@ class MoEConfig:
     topk: int = 2
     d_expert: int = 0  # 0 = d_ff / (n_shared + topk), so active FLOPs match the dense MLP
     balance_coeff: float = 0.01
+    impl: str = "dispatch"  # dispatch (each expert runs on its own tokens) | dense (reference: every token)
 
 
 @dataclass
