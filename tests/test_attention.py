@@ -21,16 +21,19 @@ from topocl.params import count, match_dense
 from topocl.registry import ATTENTION
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "pretrain"
-KINDS = ["dense", "split", "nsa", "nsa_gather", "dsa", "dsa_gather"]  # *_gather = impl=gather (the fast paths)
+KINDS = ["dense", "split", "split_block", "nsa", "nsa_block", "nsa_gather", "dsa", "dsa_block", "dsa_gather"]
+# plain = impl=mask (the reference); *_block / *_gather = the fast paths
 MODELS = KINDS + ["moe"]  # "moe" = dense attention + moe FFN
-SMALL = {"split": SplitConfig(topk=3), "nsa": NSAConfig(cmp_block=4, cmp_stride=2, sel_block=4, n_sel=3, window=4),
-         "dsa": DSAConfig(topk=4, index_heads=2, index_dim=8, index_rope_dim=4, shared_heads=2)}
+SMALL = {"split": SplitConfig(topk=3, impl="mask"),
+         "nsa": NSAConfig(cmp_block=4, cmp_stride=2, sel_block=4, n_sel=3, window=4, impl="mask"),
+         "dsa": DSAConfig(topk=4, index_heads=2, index_dim=8, index_rope_dim=4, shared_heads=2, impl="mask")}
 ROLES = {"dense": {"attn.q", "attn.k", "attn.v", "attn.o", "mlp"},
          "split": {"attn.dense_heads", "attn.sparse_heads", "mlp"},
-         "nsa": {"attn.cmp", "attn.slc", "attn.win", "attn.gate", "attn.q", "attn.o", "mlp"},
-         "dsa": {"attn.indexer", "attn.shared_heads", "attn.routed_heads", "attn.o", "mlp"},
+         "nsa": {"attn.cmp", "attn.slc", "attn.win", "attn.q", "attn.o", "mlp"},  # gate rows live in their branch
+         "dsa": {"attn.indexer", "attn.shared_heads", "attn.routed_heads", "mlp"},  # o_proj split by head group
          "moe": {"attn.q", "attn.k", "attn.v", "attn.o", "ffn.shared_expert", "ffn.routed_expert", "ffn.router"}}
-ROLES["nsa_gather"], ROLES["dsa_gather"] = ROLES["nsa"], ROLES["dsa"]
+for _k in KINDS:
+    ROLES.setdefault(_k, ROLES[_k.split("_")[0]])
 
 
 def cfg(kind: str, **kw) -> ModelConfig:
@@ -39,9 +42,9 @@ def cfg(kind: str, **kw) -> ModelConfig:
         kind = "dense"
     if kind in SMALL and kind not in kw:
         kw[kind] = SMALL[kind]
-    if kind.endswith("_gather"):
-        kind = kind.removesuffix("_gather")
-        kw[kind] = dataclasses.replace(kw.pop(kind, SMALL[kind]), impl="gather")
+    if "_" in kind:
+        kind, impl = kind.split("_")
+        kw[kind] = dataclasses.replace(kw.pop(kind, SMALL[kind]), impl=impl)
     return ModelConfig(vocab_size=40, n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=40, attention=kind,
                        **kw)
 
@@ -108,7 +111,7 @@ def dense_twin(kind: str, m, c: ModelConfig, branch: str = "slc"):
     elif kind == "dsa":
         for name in ("q_proj", "k_proj", "v_proj"):
             w[name] = torch.cat([getattr(m.shared, name).weight, getattr(m.routed, name).weight])
-        w["o_proj"] = m.o_proj.weight
+        w["o_proj"] = torch.cat([m.shared.o_proj.weight, m.routed.o_proj.weight], dim=1)
     elif kind == "nsa":
         kv = getattr(m, branch)
         w = {"q_proj": m.q_proj.weight, "k_proj": kv.k_proj.weight, "v_proj": kv.v_proj.weight,
@@ -122,7 +125,8 @@ def dense_twin(kind: str, m, c: ModelConfig, branch: str = "slc"):
 FULL = {"dense": {}, "split": {"split": SplitConfig(topk=64)},
         "nsa": {"nsa": NSAConfig(cmp_block=4, cmp_stride=2, sel_block=4, n_sel=4, window=16)},
         "dsa": {"dsa": DSAConfig(topk=64, index_heads=2, index_dim=8, index_rope_dim=4, shared_heads=2)}}
-FULL["nsa_gather"], FULL["dsa_gather"] = FULL["nsa"], FULL["dsa"]
+for _k in KINDS:
+    FULL.setdefault(_k, FULL[_k.split("_")[0]])
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -148,13 +152,13 @@ def test_full_budget_equals_dense_with_same_weights(kind):
 def fix_selection(kind: str, m, t: int, monkeypatch) -> None:
     """Hold the sparse selection fixed (random but causal), so the layer is a smooth function of x."""
     g = torch.Generator().manual_seed(1)
-    if kind == "split":
+    if kind.startswith("split"):
         keep = topk_mask(torch.rand(1, 2, t, t, generator=g), 3, causal_mask(t))
         monkeypatch.setattr(split_mod, "topk_mask", lambda *a, **k: keep)
     elif kind.startswith("nsa"):
         sel = nsa_mod.select_blocks(torch.rand(1, 2, t, -(-t // 4), generator=g, dtype=torch.float64), 4, 2, 1, 1)
         monkeypatch.setattr(m, "select", lambda *a, **k: sel)
-    elif kind == "dsa":
+    elif kind in ("dsa", "dsa_block"):  # one block (t <= 128)
         keep = topk_mask(torch.rand(1, t, t, generator=g), 3, causal_mask(t))
         monkeypatch.setattr(m, "select", lambda index, visible: keep)
     elif kind == "dsa_gather":  # one chunk: the index top-k (and the recall stat's) come from topk_mask
@@ -359,6 +363,138 @@ def test_nsa_gather_path_matches_the_mask_path_forward_and_backward(sizes, chunk
     assert {k: v.item() for k, v in a0.items()} == pytest.approx({k: v.item() for k, v in a1.items()}, abs=1e-6)
 
 
+def run_both(ref, fast, t: int, kl: bool = False) -> list:
+    """Forward + backward of two modules with the same weights on the same input: [(y, aux, dx, {param: grad})]."""
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, t, 32, dtype=torch.float64)
+    cos, sin = rope(t)
+    outs = []
+    for m in (ref, fast):
+        xi = x.clone().requires_grad_(True)
+        y, aux = m(xi, cos, sin)
+        loss = (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum()
+        (loss + (aux["loss.dsa_kl"] if kl else 0.0)).backward()
+        outs.append((y, {k: v.item() for k, v in aux.items()}, xi.grad, {n: p.grad for n, p in m.named_parameters()}))
+    return outs
+
+
+def assert_same(outs) -> None:
+    (y0, a0, gx0, gp0), (y1, a1, gx1, gp1) = outs
+    assert (y0 - y1).abs().max().item() < 1e-12 and (gx0 - gx1).abs().max().item() < 1e-12
+    assert gp0.keys() == gp1.keys()
+    for n in gp0:
+        assert (gp0[n] is None) == (gp1[n] is None), n
+        assert gp0[n] is None or (gp0[n] - gp1[n]).abs().max().item() < 1e-12, n
+    assert a0 == pytest.approx(a1, abs=1e-12)
+
+
+BLOCK_CASES = [  # (kind, config, query block): blocks of 5 / 7 queries = several blocks over T = 23
+    ("split", SplitConfig(topk=3), 5), ("split", SplitConfig(topk=0, topk_frac=0.3), 7),
+    ("split", SplitConfig(topk=64), 23),
+    ("nsa", NSAConfig(cmp_block=4, cmp_stride=2, sel_block=4, n_sel=3, window=4), 7),
+    ("nsa", NSAConfig(cmp_block=4, cmp_stride=2, sel_block=8, n_sel=2, n_local=1, window=9), 5),
+    ("nsa", NSAConfig(cmp_block=3, cmp_stride=1, sel_block=4, n_sel=4, n_init=0, n_local=1, window=1), 6),
+    ("nsa", NSAConfig(cmp_block=4, cmp_stride=2, sel_block=4, n_sel=3, window=40), 64),
+    *[("dsa", DSAConfig(topk=5, index_heads=2, index_dim=8, index_rope_dim=4, shared_heads=sh, phase=ph,
+                        kl_support=sup), blk)
+      for sh in (0, 2) for ph, sup in (("sparse", "sparse"), ("sparse", "dense"), ("warmup", "sparse"))
+      for blk in (7, 64)]]
+
+
+@pytest.mark.parametrize("kind,conf,block", BLOCK_CASES)
+def test_block_path_matches_the_mask_path_forward_and_backward(kind, conf, block):
+    """The block path (query blocks x the keys they can see, fused SDPA on bool masks) = the reference."""
+    t = 23
+    ref = module(kind, **{kind: dataclasses.replace(conf, impl="mask")})
+    fast = module(kind, **{kind: dataclasses.replace(conf, impl="block")})
+    fast.block = block
+    if kind == "nsa":  # gates that depend on x, so the gate projections get gradients too
+        with torch.no_grad():
+            for kv in (ref.cmp, ref.slc, ref.win):
+                kv.gate.weight.normal_(0, 0.3)
+    assert_same(run_both(ref, fast, t, kl=kind == "dsa"))
+
+
+def test_auto_picks_the_block_path_and_gather_for_long_sparse_dsa():
+    m = module("dsa", dsa=dataclasses.replace(SMALL["dsa"], impl="auto"))
+    assert m.resolve_impl(1024) == "block" and m.resolve_impl(4096) == "gather"
+    m.phase = "warmup"  # dense attention needs every key: never gather
+    assert m.resolve_impl(4096) == "block"
+    g = module("dsa", dsa=dataclasses.replace(SMALL["dsa"], impl="gather"))
+    assert g.resolve_impl(16) == "gather"
+    g.phase = "warmup"
+    assert g.resolve_impl(16) == "block"
+
+
+PATHWAYS = {  # kind -> {pathway: how to silence every other pathway}; shared roles serve all of them
+    "nsa": {"cmp": (0, 1, 2), "slc": (1, 0, 2), "win": (2, 0, 1)},  # (own branch, silenced branches)
+    "dsa": {"shared": None, "routed": None},
+}
+
+
+@pytest.mark.parametrize("kind", ["nsa", "dsa"])
+def test_each_parameter_serves_one_pathway_or_has_a_shared_role(kind):
+    """Gradient of the output through one pathway alone: the roles it reaches. Roles reached by two pathways must
+    be the declared shared ones (NSA: attn.q, attn.o feed every branch and cannot be split; DSA: none, since
+    o_proj is split by head group). Before the split, DSA's attn.o and NSA's attn.gate were reached by all."""
+    shared = {"nsa": {"attn.q", "attn.o"}, "dsa": set()}[kind]
+    t = 16
+    x = torch.randn(2, t, 32, dtype=torch.float64)
+    reached = {}
+    for pathway in PATHWAYS[kind]:
+        m = module(kind, **({"dsa": dataclasses.replace(SMALL["dsa"], kl_coeff=0.0)} if kind == "dsa" else {}))
+        if kind == "nsa":
+            with torch.no_grad():
+                for i, kv in enumerate((m.cmp, m.slc, m.win)):
+                    kv.gate.weight.normal_(0, 0.3)
+                    if i != PATHWAYS["nsa"][pathway][0]:
+                        kv.gate.bias.fill_(-1e4)  # sigmoid = 0 exactly: the branch is silent, gradient 0
+            y = m(x, *rope(t))[0]
+        else:
+            m.set_fast_pathway(pathway == "routed")
+            if pathway == "routed":  # silence the shared heads (their output, not a weight of theirs)
+                m.shared.out = lambda y: y.new_zeros(y.shape[0], y.shape[2], 32)
+            y = m(x, *rope(t))[0]
+        y.pow(2).sum().backward()
+        reached[pathway] = {m.param_role(n) for n, p in m.named_parameters()
+                            if p.grad is not None and p.grad.abs().max() > 0}
+    names = list(reached)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert reached[a] & reached[b] == shared, (a, b)
+    assert all(reached[p] - shared for p in names)  # every pathway has roles of its own
+
+
+def test_legacy_checkpoints_load_into_the_split_projections():
+    """A state dict from before the split (DSA: one o_proj over [shared ; routed] heads; NSA: one gate Linear
+    with (branch, head) rows) loads into the per-pathway tensors and computes the old maps."""
+    t = 12
+    x = torch.randn(2, t, 32, dtype=torch.float64)
+    cos, sin = rope(t)
+    d = module("dsa")
+    sd = d.state_dict()
+    w_o = torch.cat([sd.pop("shared.o_proj.weight"), sd.pop("routed.o_proj.weight")], dim=1)  # [C, H*D]
+    old = module("dsa")
+    old.load_state_dict({**sd, "o_proj.weight": w_o})
+    y_s = sdpa_causal(*old.shared.qkv(x, cos, sin))
+    q, k, v = old.routed.qkv(x, cos, sin)
+    y_r, *_ = old._routed_mask(x, q, k, v)
+    expect = torch.cat([y_s, y_r], 1).transpose(1, 2).reshape(2, t, -1) @ w_o.T  # the pre-split o_proj
+    assert (old(x, cos, sin)[0] - expect).abs().max().item() < 1e-12
+    n = module("nsa")
+    sd = n.state_dict()
+    with torch.no_grad():
+        w_g, b_g = torch.randn(12, 32, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
+    for br in ("cmp", "slc", "win"):
+        sd.pop(f"{br}.gate.weight"), sd.pop(f"{br}.gate.bias")
+    n.load_state_dict({**sd, "gate.weight": w_g, "gate.bias": b_g})
+    gates = torch.sigmoid(x @ w_g.T + b_g).view(2, t, 3, 4)  # the pre-split gate: (branch, head) rows
+    n(x, cos, sin)
+    assert torch.equal(n.slc.gate.weight, w_g[4:8]) and torch.equal(n.win.gate.bias, b_g[8:])
+    got = torch.sigmoid(torch.stack([kv.gate(x) for kv in (n.cmp, n.slc, n.win)], 2))
+    assert (got - gates).abs().max().item() < 1e-15
+
+
 def test_nsa_compressed_branch_with_unit_blocks_is_causal_attention():
     t = 10
     m = module("nsa", nsa=NSAConfig(cmp_block=1, cmp_stride=1, sel_block=1, n_sel=3, window=2, phi="mean"))
@@ -390,7 +526,7 @@ def test_nsa_window_gates_give_zero_grads_to_cmp_and_slc():
     for name, p in m.named_parameters():
         if roles[name] in ("attn.cmp", "attn.slc"):
             assert p.grad is None or p.grad.abs().max().item() == 0.0, name
-        elif roles[name] != "attn.gate":  # forced gates bypass the gate projection
+        elif ".gate." not in f".{name}":  # forced gates bypass the gate projections
             assert p.grad is not None and p.grad.abs().max().item() > 0, name
 
 
@@ -431,7 +567,7 @@ def test_dsa_index_scores_match_the_explicit_loop():
             assert abs(got[0, t, s].item() - ref.item()) < 1e-12
 
 
-@pytest.mark.parametrize("impl", ["mask", "gather"])
+@pytest.mark.parametrize("impl", ["mask", "block", "gather"])
 @pytest.mark.parametrize("shared_heads", [0, 2])  # 0 = pure V3.2 DSA (every head routed)
 def test_dsa_gradient_isolation(shared_heads, impl):
     torch.manual_seed(0)
@@ -508,7 +644,7 @@ def test_dsa_phases():
 @pytest.mark.parametrize("chunk", [512, 7])  # 7: four checkpointed query chunks
 def test_dsa_gather_path_matches_the_mask_path_forward_and_backward(shared_heads, chunk):
     t = 23
-    dc = DSAConfig(topk=5, index_heads=2, index_dim=8, index_rope_dim=4, shared_heads=shared_heads)
+    dc = DSAConfig(topk=5, index_heads=2, index_dim=8, index_rope_dim=4, shared_heads=shared_heads, impl="mask")
     ref = module("dsa", dsa=dc)
     fast = module("dsa_gather", dsa=dc)
     fast.load_state_dict(ref.state_dict())
@@ -527,7 +663,7 @@ def test_dsa_gather_path_matches_the_mask_path_forward_and_backward(shared_heads
     assert {k: v.item() for k, v in a0.items()} == pytest.approx({k: v.item() for k, v in a1.items()}, abs=1e-9)
     assert 0 < a1["stat.dsa_recall"].item() < 1 and a1["stat.dsa_kl"].item() > 0
     with pytest.raises(ValueError, match="gather"):
-        module("dsa_gather", dsa=dataclasses.replace(dc, phase="warmup"))
+        module("dsa_gather", dsa=dataclasses.replace(dc, kl_support="dense"))
 
 
 # ----------------------------------------------------------------------------- presets and the matched control
@@ -573,3 +709,63 @@ def test_matched_dense_control_errors_and_cli(capsys):
     c.vocab_size = 2048
     assert f"model.d_ff={match_dense(c).d_ff} " in text
     assert all(role in text for role in ROLES["nsa"])
+
+
+# ----------------------------------------------------------------------------- DSA two-stage recipe
+
+
+def test_dsa_schedule_warms_up_the_indexer_alone_then_trains_everything_sparse():
+    """Steps < warmup_steps: phase warmup (dense attention) and, with warmup_trains=indexer, only attn.indexer
+    moves (no gradient, no AdamW update or decay elsewhere); from warmup_steps on: top-k and every role trains."""
+    from topocl.config import TrainConfig
+    from topocl.optim import build_optimizer
+    from topocl.train import train_steps
+
+    torch.manual_seed(0)
+    dc = dataclasses.replace(SMALL["dsa"], warmup_steps=2, warmup_trains="indexer", impl="auto")
+    m = GPT(cfg("dsa", dsa=dc))
+    tc = TrainConfig(steps=4, batch_size=2, lr=1e-2, warmup_steps=0)
+    opt = build_optimizer(m, tc)
+    roles = m.param_roles()
+    rows = torch.randint(0, 40, (2, 25))
+    snaps, phases, fracs = [], [], []
+    phase = dsa_mod.schedule(m, 0, opt)
+    for r in train_steps(m, opt, lambda s: rows, range(4), cfg=tc, device=torch.device("cpu")):
+        phases.append(phase)
+        fracs.append(r.aux["stat.dsa_key_frac"])
+        snaps.append({n: p.detach().clone() for n, p in m.named_parameters()})
+        phase = dsa_mod.schedule(m, r.step + 1, opt)
+    assert phases == ["warmup", "warmup", "sparse", "sparse"]
+    assert fracs[0] == fracs[1] == 1.0 and fracs[2] < 1.0  # dense attention in warm-up, top-k after
+    start = dict(m.named_parameters())
+    moved = [{n for n in roles if not torch.equal(a[n], b[n])} for a, b in zip(snaps, snaps[1:])]
+    indexer = {n for n, role in roles.items() if role == "attn.indexer"}
+    assert moved[0] == indexer  # warm-up step 2: the indexer alone
+    assert moved[2] == set(roles)  # sparse stage: everything
+    assert all(p.requires_grad for p in start.values())
+    with pytest.raises(ValueError, match="warmup_trains"):
+        module("dsa", dsa=dataclasses.replace(dc, warmup_trains="rest"))
+    with pytest.raises(ValueError, match="kl_coeff"):
+        module("dsa", dsa=dataclasses.replace(dc, kl_coeff=0.0))
+
+
+def test_pretrain_logs_the_dsa_stage_and_the_recall_per_stage(tmp_path):
+    from topocl.cli import main
+
+    out = tmp_path / "run"
+    tiny = ["model.n_layer=1", "model.d_model=32", "model.n_head=4", "model.n_kv_head=2", "model.max_seq_len=32",
+            "data.synthetic_docs=200", "data.vocab_size=300", "data.seq_len=32", "train.batch_size=4",
+            "train.warmup_steps=1", "train.log_every=1", "train.eval_every=10", "train.eval_batches=1", "samples=0",
+            "probe=false", "train.steps=5", "model.dsa.warmup_steps=3", "model.dsa.topk=4", f"out_dir={out}"]
+    assert main(["pretrain", str(PRESET_DIR / "tiny-dsa.yaml"), *tiny]) == 0
+    import json
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "train_loss" in r]
+    assert [r["dsa_phase"] for r in steps] == ["warmup"] * 3 + ["sparse"] * 2
+    assert all(r["stat.dsa_key_frac"] == 1.0 for r in steps[:3]) and all(r["stat.dsa_key_frac"] < 1 for r in steps[3:])
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["dsa_recall"]) == {"warmup", "sparse"}
+    for phase in ("warmup", "sparse"):
+        vals = [r["stat.dsa_recall"] for r in steps if r["dsa_phase"] == phase]
+        assert summary["dsa_recall"][phase] == pytest.approx(sum(vals) / len(vals))

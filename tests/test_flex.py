@@ -91,8 +91,9 @@ def test_flex_kernel_matches_mask_on_cuda(kind, sizes):
 
 
 def test_auto_resolves_to_flex_only_on_cuda():
-    assert flex.resolve_impl("auto", torch.device("cpu")) == "mask"
-    assert flex.resolve_impl("auto", torch.device("cuda")) == ("flex" if flex.flex_available() else "mask")
+    assert flex.resolve_impl("auto", torch.device("cpu")) == "block"  # the kind's CPU path
+    assert flex.resolve_impl("auto", torch.device("cpu"), "gather") == "gather"
+    assert flex.resolve_impl("auto", torch.device("cuda")) == ("flex" if flex.flex_available() else "block")
     assert flex.resolve_impl("gather", torch.device("cuda")) == "gather"
     with pytest.raises(ValueError, match="split.impl"):
         SplitAttention(ModelConfig(d_model=32, n_head=4, n_kv_head=2, attention="split",

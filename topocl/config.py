@@ -41,8 +41,9 @@ class NSAConfig:
     window: int = 128  # w: sliding window
     phi: str = "mlp"  # compression φ: mlp | mean
     gate_init: str = "window"  # window (bias -2/-2/+2, SWA-dominated start) | neutral (bias 0)
-    impl: str = "mask"  # mask (reference, [T, T] masks) | gather (selected blocks gathered, window unfolded)
-    # | flex (flex_attention block masks for the selected blocks and the window) | auto (flex on CUDA, else mask)
+    impl: str = "auto"  # mask (reference, [T, T] masks) | block (query blocks x visible keys, fused SDPA)
+    # | gather (selected blocks gathered, window unfolded) | flex (flex_attention block masks)
+    # | auto (flex on CUDA; on CPU block below T = 4096, gather from there)
 
 
 @dataclass
@@ -55,10 +56,13 @@ class DSAConfig:
     index_dim: int = 64  # d_I
     index_rope_dim: int = 32  # first dims of d_I that get (NeoX) RoPE
     shared_heads: int = 0  # heads that stay dense (0 = pure V3.2 DSA)
-    phase: str = "sparse"  # warmup (dense attention, only the indexer learns) | sparse
+    phase: str = "sparse"  # warmup (dense attention, the indexer learns by the dense KL) | sparse
+    warmup_steps: int = 0  # two-stage recipe: the first N pretraining steps in phase warmup, then `phase`
+    warmup_trains: str = "indexer"  # what trains during those steps: indexer (DeepSeek) | all (from-scratch)
     kl_coeff: float = 1.0  # weight of the indexer KL in the total loss (indexer inputs are detached)
     kl_support: str = "sparse"  # sparse (Eq. 4, Megatron masking) | dense (Eq. 3)
-    impl: str = "mask"  # mask (reference, [T, T] masks) | gather (sparse phase: top-k keys gathered per query)
+    impl: str = "auto"  # mask (reference, [T, T] masks) | block (query blocks x visible keys, fused SDPA)
+    # | gather (sparse phase: top-k keys gathered per query) | auto (the faster of block / gather for the size)
 
 
 @dataclass
@@ -68,7 +72,8 @@ class SplitConfig:
     sparse_kv_groups: int = -1  # KV groups (with their query heads) in group B; -1 = half
     topk: int = 0  # keys kept per query in group B; 0 = use topk_frac
     topk_frac: float = 0.1  # fraction of the causal prefix kept (at least 1 key)
-    impl: str = "mask"  # mask (reference) | flex (group B through flex_attention) | auto (flex on CUDA, else mask)
+    impl: str = "auto"  # mask (reference) | block (query blocks x visible keys, fused SDPA) | flex (group B
+    # through flex_attention) | auto (flex on CUDA, else block)
 
 
 @dataclass
@@ -80,6 +85,7 @@ class MoEConfig:
     topk: int = 2
     d_expert: int = 0  # 0 = d_ff / (n_shared + topk), so active FLOPs match the dense MLP
     balance_coeff: float = 0.01
+    impl: str = "dispatch"  # dispatch (each expert runs on its own tokens) | dense (reference: every token)
 
 
 @dataclass

@@ -6,7 +6,10 @@
                                                               when routing is uniform)
 
 Roles: `ffn.shared_expert` (slow pathway), `ffn.routed_expert` and `ffn.router` (fast pathway).
-The reference path runs every expert densely and masks by the routing weights (exact, CPU-friendly).
+Paths (`moe.impl`): `dispatch` sorts the (token, expert) pairs by expert, gathers each expert's tokens with one
+index_select, runs every expert on its own contiguous rows and scatters the weighted outputs back with one
+index_add (routed FLOPs = topk/n_routed of `dense`); `dense` (the reference) runs every expert on every token
+and weights by the routing weights, 0 off the top-k. Same outputs and gradients (tests).
 
 Shape legend: B batch, T positions, C d_model, E routed experts, F expert hidden size.
 """
@@ -55,6 +58,9 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList([Expert(cfg.d_model, d_exp) for _ in range(c.n_routed)])
         self.router = nn.Linear(cfg.d_model, c.n_routed, bias=False)
         self.topk, self.coeff = c.topk, c.balance_coeff
+        if c.impl not in ("dispatch", "dense"):
+            raise ValueError(f"moe.impl={c.impl!r}: use dispatch | dense (reference)")
+        self.impl = c.impl
         self.fast_on = True
 
     def param_role(self, name: str) -> str:
@@ -64,6 +70,19 @@ class MoE(nn.Module):
     def set_fast_pathway(self, enabled: bool) -> None:
         self.fast_on = enabled
 
+    def _dispatch(self, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
+        """Routed experts on their own tokens only. x [B, T, C], idx/w [B, T, K] chosen experts and their
+        renormalised weights -> [B, T, C]."""
+        xf = x.reshape(-1, x.shape[-1])  # [N, C]
+        expert = idx.reshape(-1)  # [N*K] expert of each (token, slot) pair
+        order = expert.argsort(stable=True)  # pairs grouped by expert
+        token = order // self.topk  # [N*K] the token of each sorted pair
+        counts = torch.bincount(expert, minlength=len(self.experts)).tolist()
+        rows = xf.index_select(0, token)  # [N*K, C] each expert's tokens, contiguous
+        outs = [e(part) for e, part in zip(self.experts, rows.split(counts)) if len(part)]
+        ys = torch.cat(outs) * w.reshape(-1)[order, None]  # [N*K, C] weighted outputs
+        return ys.new_zeros(xf.shape).index_add_(0, token, ys).view(x.shape)
+
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         y = sum((s(x) for s in self.shared), torch.zeros_like(x))
         probs = torch.softmax(self.router(x).float(), dim=-1)  # [B, T, E]
@@ -71,11 +90,13 @@ class MoE(nn.Module):
         chosen = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, top.indices, True)  # [B, T, E]
         weights = torch.where(chosen, probs, torch.zeros_like(probs))
         weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)  # renormalised over the top-k
-        if self.fast_on:
+        if self.fast_on and self.impl == "dense":
             for e, expert in enumerate(self.experts):
                 w = weights[..., e:e + 1]  # [B, T, 1]
                 if bool(chosen[..., e].any()):
                     y = y + w * expert(x)
+        elif self.fast_on:
+            y = y + self._dispatch(x, top.indices, weights.gather(-1, top.indices))
         bal = balance_loss(probs.flatten(0, 1), chosen.flatten(0, 1))
         load = chosen.float().flatten(0, 1).mean(0)
         return y, {"loss.moe_balance": self.coeff * bal, "stat.moe_balance": bal.detach(),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import yaml
 from tqdm import tqdm
 
 import topocl
+from topocl.attention import dsa
 from topocl.checkpoint import (
     CheckpointError,
     NonFiniteCheckpoint,
@@ -188,9 +190,13 @@ def pretrain(cfg: PretrainConfig) -> Path:
     train_model = model
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        frozen_warmup = cfg.model.dsa.warmup_trains == "indexer" and start < cfg.model.dsa.warmup_steps
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=ids, find_unused_parameters=cfg.model.attention == "dsa" and frozen_warmup)
     if tr.compile:
         train_model = torch.compile(train_model)
+    phase = dsa.schedule(model, start, opt)  # DSA's two-stage recipe (None without DSA layers); after DDP wraps
+    recall: dict[str, list[float]] = {}  # DSA: indexer recall per stage
 
     sampler = BatchSampler(len(data.train), tr.batch_size, cfg.seed, rank, world)
     token_bytes = tok.token_bytes()
@@ -205,11 +211,13 @@ def pretrain(cfg: PretrainConfig) -> Path:
             done = r.step + 1
             bar.update(1)
             bar.set_postfix(loss=f"{r.loss:.3f}", tok_s=f"{r.tokens_per_s:,.0f}", refresh=False)
+            if phase is not None:
+                recall.setdefault(phase, []).append(r.aux.get("stat.dsa_recall", math.nan))
             if is_main() and (done % tr.log_every == 0 or done == tr.steps):
                 append_jsonl(out / "metrics.jsonl", [{
                     "step": r.step, "train_loss": r.loss, "lm_loss": r.lm_loss, "lr": r.lr,
                     "grad_norm": r.grad_norm, "tokens_per_s": r.tokens_per_s, "tokens": tokens_seen,
-                    **{k: v for k, v in r.aux.items()}}])
+                    **{k: v for k, v in r.aux.items()}, **({"dsa_phase": phase} if phase else {})}])
             if done % tr.eval_every == 0 or done == tr.steps:
                 if is_main():
                     last = evaluate_loss(model, data.val, token_bytes, batch_size=tr.batch_size,
@@ -227,6 +235,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
                                     keep=tr.keep_checkpoints)
                 if dist.is_initialized():
                     dist.barrier()
+            phase = dsa.schedule(model, done, opt) if phase is not None else None  # the next step's stage
+    if recall:  # mean indexer recall over each stage's last 20 steps (of this process)
+        last = {**last, "dsa_recall": {p: sum(v[-20:]) / len(v[-20:]) for p, v in recall.items()}}
     if is_main():
         if start == tr.steps:  # killed after the last checkpoint, before summary.json: the final evaluation again
             last = evaluate_loss(model, data.val, token_bytes, batch_size=tr.batch_size, max_batches=tr.eval_batches,

@@ -4,24 +4,31 @@ query, shared by all routed heads; `shared_heads` query heads (whole KV groups) 
     I[t,s] = Σ_h w[t,h] · H_I^-½ · d_I^-½ · ReLU(q_I[t,h] · k_I[s])            (Eq. 1, DeepSeek's scales)
     keep   = TopK_s(I[t,:] + causal) ∧ causal                                   (causal mask re-applied after
                                                                                   the scatter: no future leak)
-    y      = o_proj([shared heads: causal softmax ; routed heads: softmax over keep])
+    y      = W_o^shared · [shared heads: causal softmax] + W_o^routed · [routed heads: softmax over keep]
+
+The output projection is split by head group (`shared.o_proj`, `routed.o_proj`; one o_proj over the
+concatenated heads is the same map), so every parameter serves one pathway: roles `attn.shared_heads`
+(slow), `attn.routed_heads` and `attn.indexer` (fast). Older checkpoints' single `o_proj.weight` loads
+into the two halves.
 
 Indexer: q_I from x, k_I = LayerNorm(W_k x) (one key per token), w = W_w x; NeoX RoPE on the first
 `index_rope_dim` dims of q_I and k_I; no Hadamard/FP8 (orthonormal, so the maths is unchanged). It reads
 detached inputs and learns only from the KL to the detached attention distribution of the routed heads,
 summed over heads and L1-normalised (Eq. 3 with `kl_support=dense`; Eq. 4 with `sparse`, where, as in
 Megatron, each head is renormalised inside the selected set before summing). `phase=warmup` keeps the
-attention dense while the indexer learns (DeepSeek's dense warm-up), `phase=sparse` switches top-k on.
-Which parameters train in a phase is optimizer role policy, not this module's business: DeepSeek's
-indexer-only warm-up of a trained dense model is `model.dsa.phase=warmup` plus lr_scale 0 for every other
-role (`train.roles.{embed,head,norm,mlp,attn.shared_heads,attn.routed_heads,attn.o}.lr_scale=0`); the
-from-scratch recipe (research note §4) is `phase=warmup` with all roles training, then `phase=sparse`.
+attention dense while the indexer learns by the dense KL (DeepSeek's dense warm-up), `phase=sparse` switches
+top-k on. The two-stage recipe is `warmup_steps: N` (`schedule()`, called by the pretraining loop before
+each step): N warm-up steps, then `phase`; `warmup_trains: indexer` trains only the indexer during them
+(DeepSeek-V3.2 retrofitting a trained dense model), `all` trains everything (the from-scratch recipe,
+research note §4). Without a warm-up the indexer never learns about keys it did not select (Eq. 4).
 
 Paths (`dsa.impl`): `mask` (reference) = masked softmax over [B, Hr, T, S], KL and stats on [B, T, S];
-`gather` (sparse phase with the Eq. 4 KL only) = per chunk of queries the routed heads attend over their
-gathered top-k keys and the KL is taken on those keys, so nothing O(T²) is kept for backward (the indexer
-scores and the recall stat still touch every causal key, without gradient). Same outputs, gradients and
-stats as `mask` (tests).
+`block` = per block of 128 queries only the keys it can see, the routed heads through the fused SDPA kernel
+on the kept-key mask, KL and stats from one no-grad score block; `gather` (sparse phase with the Eq. 4 KL
+only) = per chunk of queries the routed heads attend over their gathered top-k keys and the KL is taken on
+those keys, so nothing O(T²) is kept for backward (the indexer scores and the recall stat still touch every
+causal key, without gradient); `auto` = gather from T = 2048 in the sparse phase, else block. Same outputs,
+gradients and stats as `mask` (tests).
 
 Stats: `dsa_key_frac` = kept / causal (query, key) pairs; `dsa_recall` = share of the attention's own
 top-k keys (routed heads' probabilities summed over heads) that the indexer's top-k contains (in warm-up
@@ -40,9 +47,20 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from topocl.attention import ops
-from topocl.attention.ops import apply_rope, attend, causal_mask, repeat_kv, rope_cache, sdpa_causal, topk_mask
+from topocl.attention.ops import (
+    apply_rope,
+    attend,
+    causal_mask,
+    repeat_kv,
+    rope_cache,
+    sdpa_causal,
+    sdpa_masked,
+    topk_mask,
+)
 from topocl.config import ModelConfig
 from topocl.registry import ATTENTION
+
+IMPLS = ("mask", "block", "gather", "auto")
 
 
 class Indexer(nn.Module):
@@ -97,6 +115,7 @@ class _Heads(nn.Module):
         self.q_proj = nn.Linear(d_model, n_q * d, bias=False)
         self.k_proj = nn.Linear(d_model, n_kv * d, bias=False)
         self.v_proj = nn.Linear(d_model, n_kv * d, bias=False)
+        self.o_proj = nn.Linear(n_q * d, d_model, bias=False)  # this group's columns of the output projection
 
     def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, t, _ = x.shape
@@ -104,6 +123,22 @@ class _Heads(nn.Module):
         k = self.k_proj(x).view(b, t, self.hk, self.d).transpose(1, 2)  # [B, Hk, T, D]
         v = self.v_proj(x).view(b, t, self.hk, self.d).transpose(1, 2)  # [B, Hk, T, D]
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def out(self, y: Tensor) -> Tensor:
+        b, _, t, _ = y.shape
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.hq * self.d))  # [B, Hq, T, D] -> [B, T, C]
+
+
+def _split_legacy_o_proj(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Checkpoints from before the split held one `o_proj.weight` [C, H*D] over [shared ; routed] heads: load
+    its columns into `shared.o_proj` and `routed.o_proj` (o_proj(cat(y_s, y_r)) = W_s y_s + W_r y_r)."""
+    w = state_dict.pop(prefix + "o_proj.weight", None)
+    if w is None:
+        return
+    hs = module.shared.hq * module.shared.d if module.shared is not None else 0
+    if module.shared is not None:
+        state_dict[prefix + "shared.o_proj.weight"] = w[:, :hs]
+    state_dict[prefix + "routed.o_proj.weight"] = w[:, hs:]
 
 
 def indexer_kl(scores: Tensor, index: Tensor, support: Tensor) -> Tensor:
@@ -151,24 +186,31 @@ class DSAttention(nn.Module):
         if c.phase not in ("warmup", "sparse") or c.kl_support not in ("dense", "sparse"):
             raise ValueError(f"dsa.phase must be warmup|sparse and dsa.kl_support dense|sparse, got "
                              f"{c.phase!r}, {c.kl_support!r}")
-        if c.impl not in ("mask", "gather") or (c.impl == "gather" and (c.phase, c.kl_support) != ("sparse",
-                                                                                                 "sparse")):
-            raise ValueError(f"dsa.impl={c.impl!r}: use mask (reference) | gather (needs phase=sparse and "
-                             f"kl_support=sparse: dense attention or a dense KL needs every key anyway)")
+        if c.impl not in IMPLS or (c.impl == "gather" and c.kl_support != "sparse"):
+            raise ValueError(f"dsa.impl={c.impl!r}: use mask (reference) | block | gather (needs kl_support=sparse: "
+                             f"a dense KL needs every key anyway; warm-up steps run the block path) | auto")
+        if c.topk < 1:
+            raise ValueError(f"dsa.topk={c.topk} must be >= 1")
+        if c.warmup_steps < 0 or c.warmup_trains not in ("indexer", "all"):
+            raise ValueError(f"dsa.warmup_steps={c.warmup_steps} must be >= 0 and dsa.warmup_trains indexer|all, "
+                             f"got {c.warmup_trains!r}")
+        if c.warmup_steps and c.warmup_trains == "indexer" and c.kl_coeff <= 0:
+            raise ValueError("dsa.warmup_trains=indexer trains the indexer by the KL alone: dsa.kl_coeff must be > 0")
         ks = c.shared_heads // g
         self.shared = _Heads(cfg.d_model, c.shared_heads, ks, cfg.hd) if c.shared_heads else None
         self.routed = _Heads(cfg.d_model, cfg.n_head - c.shared_heads, cfg.n_kv_head - ks, cfg.hd)
-        self.o_proj = nn.Linear(cfg.n_head * cfg.hd, cfg.d_model, bias=False)
         self.indexer = Indexer(cfg)
+        self.c = c
         self.topk, self.phase, self.support, self.coeff, self.impl = c.topk, c.phase, c.kl_support, c.kl_coeff, c.impl
         self.fast_on = True
         self.gather_chunk = 512  # queries per checkpointed chunk of the gather path
+        self.block = 128  # queries per block of the block path
         self.capture: list[dict] | None = None  # a list = record selections (topocl/analysis/routing.py)
+        self.register_load_state_dict_pre_hook(_split_legacy_o_proj)
 
     def param_role(self, name: str) -> str:
         first = name.split(".")[0]
-        return {"shared": "attn.shared_heads", "routed": "attn.routed_heads", "o_proj": "attn.o",
-                "indexer": "attn.indexer"}[first]
+        return {"shared": "attn.shared_heads", "routed": "attn.routed_heads", "indexer": "attn.indexer"}[first]
 
     def set_fast_pathway(self, enabled: bool) -> None:
         self.fast_on = enabled
@@ -179,28 +221,33 @@ class DSAttention(nn.Module):
             return visible.expand(index.shape[0], -1, -1)
         return topk_mask(index.detach(), self.topk, visible)
 
+    def resolve_impl(self, t: int) -> str:
+        """The path this forward takes: gather only in the sparse phase (its KL is Eq. 4 on the picked keys);
+        auto = gather from T = 2048 on (where the block path's O(T²) index scores with gradient cost more than
+        gathering), else block."""
+        sparse_kl = self.phase == "sparse" and self.support == "sparse"
+        if self.impl == "auto":
+            return "gather" if sparse_kl and t >= 2048 else "block"
+        return "block" if self.impl == "gather" and not sparse_kl else self.impl
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         b, t, _ = x.shape
         q, k, v = self.routed.qkv(x, cos, sin)  # q [B, Hr, T, D], k/v [B, Hk, S, D]
         # the indexer reads detached x: the LM loss never reaches it
-        route = self._routed_gather if self.impl == "gather" else self._routed_mask
-        y_r, kl, frac, recall = route(x.detach(), q, k, v)  # y_r [B, Hr, T, D]
+        route = {"mask": self._routed_mask, "block": self._routed_block, "gather": self._routed_gather}
+        y_r, kl, frac, recall = route[self.resolve_impl(t)](x.detach(), q, k, v)  # y_r [B, Hr, T, D]
         if self.capture is not None:  # opt-in: the kept tokens [B, T, S] and the routed heads' probabilities
             with torch.no_grad():
                 keep = self.select(self.indexer(x.detach()), causal_mask(t, device=x.device)[None])
                 g = q.shape[1] // k.shape[1]
                 probs = ops.attention_probs(q, repeat_kv(k, g), keep[:, None], 1.0 / math.sqrt(q.shape[-1]))
                 self.capture.append({"select": keep.cpu(), "probs": probs.cpu()})
-        if not self.fast_on:
-            y_r = torch.zeros_like(y_r)
-        ys = [y_r]
+        y = self.routed.out(y_r) if self.fast_on else x.new_zeros(x.shape)
         if self.shared is not None:
-            qs, ks, vs = self.shared.qkv(x, cos, sin)
-            ys.insert(0, sdpa_causal(qs, ks, vs))  # [B, Hs, T, D]
-        y = torch.cat(ys, dim=1).transpose(1, 2).reshape(b, t, -1)  # [B, T, H*D]
+            y = y + self.shared.out(sdpa_causal(*self.shared.qkv(x, cos, sin)))  # shared heads' own o_proj
         aux = {"loss.dsa_kl": self.coeff * kl, "stat.dsa_kl": kl.detach(), "stat.dsa_key_frac": frac.float(),
                "stat.dsa_recall": recall.float()}
-        return self.o_proj(y), aux
+        return y, aux
 
     def _routed_mask(self, xd: Tensor, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Reference path: masked softmax over [B, Hr, T, S]; the KL and stats on full [B, T, S] tensors."""
@@ -220,6 +267,40 @@ class DSAttention(nn.Module):
             recall = (own & picks).sum() / own.sum()
             frac = keep.sum() / visible.expand_as(keep).sum()
         return y_r, kl, frac, recall
+
+    def _routed_block(self, xd: Tensor, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Block path: per block of queries [t0, t1) only the keys [0, t1) it can see; the routed heads through
+        the fused SDPA kernel on the kept-key mask (no [B, Hr, T, S] probabilities kept for backward), the index
+        scores with gradient, the KL teacher and the recall stat from one no-grad score block. Same outputs,
+        gradients and stats as `_routed_mask` (tests)."""
+        b, hr, t, d = q.shape
+        g, scale = hr // k.shape[1], 1.0 / math.sqrt(d)
+        k, v = repeat_kv(k, g), repeat_kv(v, g)  # [B, Hr, S, D]
+        iq, ik, iw = self.indexer.parts(xd)
+        ys, kl_sum, kept, hits, own_total = [], q.new_zeros(()), 0, 0, 0
+        for t0 in range(0, t, self.block):
+            t1 = min(t, t0 + self.block)
+            vis = causal_mask(t1 - t0, t1, device=q.device)[None]  # [1, Tc, S1]: s visible to row t0+i iff s <= t0+i
+            qc, kc, vc = q[:, :, t0:t1], k[:, :, :t1], v[:, :, :t1]
+            index = self.indexer.scores(iq[:, :, t0:t1], ik[:, :t1], iw[:, t0:t1])  # [B, Tc, S1]
+            keep = self.select(index, vis)  # [B, Tc, S1]
+            ys.append(sdpa_masked(qc, kc, vc, keep[:, None], scale))  # [B, Hr, Tc, D]
+            support = keep if self.support == "sparse" else vis.expand_as(keep)
+            with torch.no_grad():
+                s = (qc @ kc.transpose(-1, -2)) * scale  # [B, Hr, Tc, S1] teacher logits
+                p_vis = torch.softmax(s.masked_fill(~vis[:, None], float("-inf")), -1).sum(1)  # [B, Tc, S1]
+                if self.support == "sparse" and self.phase == "sparse":
+                    p = torch.softmax(s.masked_fill(~keep[:, None], float("-inf")), -1).sum(1)  # rows keep >= 1 key
+                else:
+                    p = p_vis  # in warm-up the kept set is every visible key
+                p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
+                own = topk_mask(p_vis, self.topk, vis)  # the attention's own top-k
+                picks = keep if self.phase == "sparse" else topk_mask(index.detach(), self.topk, vis)
+                hits, own_total, kept = hits + (own & picks).sum(), own_total + own.sum(), kept + keep.sum()
+            logq = torch.log_softmax(index.masked_fill(~support, float("-inf")), dim=-1)
+            kl_sum = kl_sum + torch.where(p > 0, p * (torch.log(p.clamp_min(1e-30)) - logq), 0.0).sum()
+        frac = kept / (b * t * (t + 1) / 2)
+        return torch.cat(ys, dim=2), kl_sum / (b * t), torch.as_tensor(frac), hits / own_total
 
     def _routed_gather(self, xd: Tensor, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Fast path (sparse phase, Eq. 4 KL): per chunk of queries, index scores and top-k without gradient
@@ -253,3 +334,25 @@ class DSAttention(nn.Module):
             kl_sum = kl_sum + torch.where(p > 0, p * (torch.log(p.clamp_min(1e-30)) - logq), 0.0).sum()
         frac = kept / (b * t * (t + 1) / 2)
         return torch.cat(ys, dim=2), kl_sum / (b * t), torch.as_tensor(frac), hits / own_total
+
+
+def schedule(model: nn.Module, step: int, opt: torch.optim.Optimizer | None = None) -> str | None:
+    """DSA's two-stage recipe at pretraining step `step` (0-based): the first `dsa.warmup_steps` steps run phase
+    warmup (dense attention, the indexer learns by the dense KL, Eq. 3), the rest the configured phase (top-k,
+    Eq. 4). With `warmup_trains: indexer` only the indexer trains during warm-up (DeepSeek-V3.2): every other
+    parameter of the optimizer gets requires_grad False (no gradient, no AdamW update or decay) until the
+    sparse stage. Returns the phase, or None when the model has no DSA layer. Call it before every step."""
+    layers = [m for m in model.modules() if isinstance(m, DSAttention)]
+    if not layers:
+        return None
+    c = layers[0].c
+    phase = "warmup" if step < c.warmup_steps else c.phase
+    for m in layers:
+        m.phase = phase
+    if c.warmup_steps > 0 and c.warmup_trains == "indexer" and opt is not None:
+        in_opt = {id(p) for group in opt.param_groups for p in group["params"]}
+        roles = model.param_roles()
+        for name, p in model.named_parameters():
+            if id(p) in in_opt:
+                p.requires_grad_(phase != "warmup" or roles[name] == "attn.indexer")
+    return phase

@@ -6,8 +6,8 @@
 
 q [B, H, T, D]; k, v [B, Hk, T, D] (GQA: query head h reads KV head h // G); returns [B, H, T, D]. They compute
 exactly what `ops.attend` computes with the same mask (tests: forward on CPU; backward on CPU through flex's
-math fallback, and on CUDA against the compiled kernel). `impl: auto` resolves to flex on CUDA and to the mask
-reference elsewhere: on CPU, torch 2.13's flex_attention runs forward only (no backward), unfused.
+math fallback, and on CUDA against the compiled kernel). `impl: auto` resolves to flex on CUDA and to the kind's
+block / gather path elsewhere: on CPU, torch 2.13's flex_attention runs forward only (no backward), unfused.
 
 On CUDA the call goes through `torch.compile(flex_attention)` (the fused Triton kernel; without compile flex is
 a slow dense fallback). Block masks of the data-dependent masks (selected blocks, top-k) are rebuilt every
@@ -27,18 +27,19 @@ try:
 except ImportError:  # pragma: no cover - torch without flex attention
     flex_attention = None
 
-IMPLS = ("mask", "gather", "flex", "auto")
+IMPLS = ("mask", "block", "gather", "flex", "auto")
 
 
 def flex_available() -> bool:
     return flex_attention is not None
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """`auto` -> flex on CUDA (when this torch has it), the mask reference elsewhere; other names unchanged."""
+def resolve_impl(impl: str, device: torch.device, other: str = "block") -> str:
+    """`auto` -> flex on CUDA (when this torch has it), else `other` (the kind's faster CPU path for the size);
+    other names unchanged."""
     if impl != "auto":
         return impl
-    return "flex" if device.type == "cuda" and flex_available() else "mask"
+    return "flex" if device.type == "cuda" and flex_available() else other
 
 
 @functools.cache

@@ -40,7 +40,16 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from topocl.attention import flex
-from topocl.attention.ops import apply_rope, attend, attend_gathered, attention_probs, causal_mask, repeat_kv, topk_mask
+from topocl.attention.ops import (
+    apply_rope,
+    attend,
+    attend_gathered,
+    attention_probs,
+    causal_mask,
+    repeat_kv,
+    sdpa_masked,
+    topk_mask,
+)
 from topocl.config import ModelConfig
 from topocl.registry import ATTENTION
 
@@ -129,6 +138,32 @@ def window_band(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float) -> T
     return o.reshape(b, hk * g, t, d)  # [B, H, T, D]
 
 
+def branches_block(q: Tensor, ks: Tensor, vs: Tensor, kw: Tensor, vw: Tensor, sel: Tensor, sel_block: int,
+                   window: int, scale: float, block: int = 128) -> tuple[Tensor, Tensor, Tensor]:
+    """Selected and window branches per block of queries [t0, t1), each over only the keys it can see (selected:
+    [0, t1), window: [t0 − w + 1, t1)), through the fused SDPA kernel on bool masks: no [B, H, T, S] tensor is
+    built or kept for backward. Equals the mask path. q [B, H, T, D], ks/vs/kw/vw [B, Hk, T, D] (GQA: query
+    head h reads KV head h // G), sel bool [B, Hk, T, M] -> (o_slc, o_win [B, H, T, D], fine tokens seen:
+    |selected ∪ window| summed over rows and KV groups)."""
+    b, h, t, _ = q.shape
+    hk = ks.shape[1]
+    g = h // hk
+    ks, vs, kw, vw = (repeat_kv(z, g) for z in (ks, vs, kw, vw))  # [B, H, T, D]
+    o_slc, o_win, seen = [], [], 0
+    for t0 in range(0, t, block):
+        t1 = min(t, t0 + block)
+        vis = causal_mask(t1 - t0, t1, device=q.device)  # [Tc, S1]: key s visible to query t0+i iff s <= t0+i
+        tok = sel[:, :, t0:t1].repeat_interleave(sel_block, dim=-1)[..., :t1] & vis  # [B, Hk, Tc, S1]
+        tok_h = tok[:, :, None].expand(b, hk, g, t1 - t0, t1).reshape(b, h, t1 - t0, t1)  # [B, H, Tc, S1]
+        o_slc.append(sdpa_masked(q[:, :, t0:t1], ks[:, :, :t1], vs[:, :, :t1], tok_h, scale))
+        w0 = max(0, t0 - window + 1)  # first key any query of the block can see in its window
+        band = vis[:, w0:] & ~causal_mask(t1 - t0, t1, device=q.device).tril(t0 - window)[:, w0:]  # 0 <= t-s < w
+        o_win.append(sdpa_masked(q[:, :, t0:t1], kw[:, :, w0:t1], vw[:, :, w0:t1], band, scale))
+        with torch.no_grad():
+            seen = seen + (tok[..., w0:] | band).sum() + tok[..., :w0].sum()
+    return torch.cat(o_slc, dim=2), torch.cat(o_win, dim=2), seen
+
+
 def fine_tokens_seen(blk: Tensor, valid: Tensor, sel_block: int, window: int) -> Tensor:
     """Per query and KV group, |selected tokens ∪ window| from block indices [B, Hk, T, n] (no [T, T] mask)."""
     t = blk.shape[2]
@@ -140,11 +175,14 @@ def fine_tokens_seen(blk: Tensor, valid: Tensor, sel_block: int, window: int) ->
 
 
 class _KV(nn.Module):
-    def __init__(self, d_model: int, n_kv: int, d: int) -> None:
+    """One branch's own K/V projections and its gate row g^c = sigmoid(W_g^c x) (one gate per query head)."""
+
+    def __init__(self, d_model: int, n_kv: int, d: int, n_q: int) -> None:
         super().__init__()
         self.hk, self.d = n_kv, d
         self.k_proj = nn.Linear(d_model, n_kv * d, bias=False)
         self.v_proj = nn.Linear(d_model, n_kv * d, bias=False)
+        self.gate = nn.Linear(d_model, n_q)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         b, t, _ = x.shape
@@ -183,6 +221,16 @@ class Compressor(nn.Module):
         return self.mlp(blocks.flatten(-2))  # [B, Hk, N, D]
 
 
+def _split_legacy_gate(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Checkpoints from before the split held one `gate` Linear(C, 3·H) in (branch, head) row order: load its
+    rows into `cmp.gate`, `slc.gate`, `win.gate` (the same map, one row block per branch)."""
+    for name in ("weight", "bias"):
+        w = state_dict.pop(f"{prefix}gate.{name}", None)
+        if w is not None:
+            for branch, rows in zip(BRANCHES, w.chunk(3)):
+                state_dict[f"{prefix}{branch}.gate.{name}"] = rows
+
+
 @ATTENTION.register("nsa")
 class NSAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
@@ -194,28 +242,29 @@ class NSAttention(nn.Module):
             raise ValueError(f"nsa sizes must be >= 1, got cmp_block={c.cmp_block}, cmp_stride={c.cmp_stride}, "
                              f"sel_block={c.sel_block}, window={c.window}")
         if c.impl not in flex.IMPLS:
-            raise ValueError(f"nsa.impl={c.impl!r}: use mask (reference) | gather | flex | auto (flex on CUDA)")
-        if c.n_sel < c.n_init + c.n_local:
-            raise ValueError(f"nsa.n_sel={c.n_sel} must cover the {c.n_init + c.n_local} forced blocks")
+            raise ValueError(f"nsa.impl={c.impl!r}: use mask (reference) | block | gather | flex | auto")
+        if c.n_sel < max(1, c.n_init + c.n_local):
+            raise ValueError(f"nsa.n_sel={c.n_sel} must be >= 1 and cover the {c.n_init + c.n_local} forced blocks")
         self.c, self.h, self.hk, self.d = c, cfg.n_head, cfg.n_kv_head, cfg.hd
         self.q_proj = nn.Linear(cfg.d_model, self.h * self.d, bias=False)
         self.o_proj = nn.Linear(self.h * self.d, cfg.d_model, bias=False)
-        self.gate = nn.Linear(cfg.d_model, 3 * self.h)
-        self.cmp = _KV(cfg.d_model, self.hk, self.d)
+        self.cmp = _KV(cfg.d_model, self.hk, self.d, self.h)
         self.cmp_phi_k = Compressor(c.cmp_block, self.d, c.phi)
         self.cmp_phi_v = Compressor(c.cmp_block, self.d, c.phi)
-        self.slc = _KV(cfg.d_model, self.hk, self.d)
-        self.win = _KV(cfg.d_model, self.hk, self.d)
+        self.slc = _KV(cfg.d_model, self.hk, self.d, self.h)
+        self.win = _KV(cfg.d_model, self.hk, self.d, self.h)
         self.fast_on = True
         self.force_gates: tuple[float, float, float] | None = None  # tests: inject (g_cmp, g_slc, g_win)
         self.gather_chunk = 512  # queries per checkpointed chunk of the gather path
+        self.block = 128  # queries per block of the block path
         self.capture: list[dict] | None = None  # a list = record selections (topocl/analysis/routing.py)
+        self.register_load_state_dict_pre_hook(_split_legacy_gate)
 
     def reset_extra_parameters(self) -> None:
-        nn.init.zeros_(self.gate.weight)
         bias = (-2.0, -2.0, 2.0) if self.c.gate_init == "window" else (0.0, 0.0, 0.0)
-        with torch.no_grad():
-            self.gate.bias.copy_(torch.tensor(bias).repeat_interleave(self.h))  # [3*H]: (branch, head) order
+        for kv, b in zip((self.cmp, self.slc, self.win), bias):
+            nn.init.zeros_(kv.gate.weight)
+            nn.init.constant_(kv.gate.bias, b)
         self.cmp_phi_k.reset_parameters()
         self.cmp_phi_v.reset_parameters()
 
@@ -223,8 +272,7 @@ class NSAttention(nn.Module):
         first = name.split(".")[0]
         if first.startswith("cmp"):
             return "attn.cmp"
-        return {"slc": "attn.slc", "win": "attn.win", "gate": "attn.gate", "q_proj": "attn.q",
-                "o_proj": "attn.o"}[first]
+        return {"slc": "attn.slc", "win": "attn.win", "q_proj": "attn.q", "o_proj": "attn.o"}[first]
 
     def set_fast_pathway(self, enabled: bool) -> None:
         self.fast_on = enabled
@@ -268,8 +316,10 @@ class NSAttention(nn.Module):
         k_s = apply_rope(k_s, cos, sin)
         k_w, v_w = self.win(x)  # sliding window
         k_w = apply_rope(k_w, cos, sin)
-        impl = flex.resolve_impl(c.impl, x.device)
-        if impl == "gather":
+        impl = flex.resolve_impl(c.impl, x.device, "gather" if t >= 4096 else "block")
+        if impl == "block":
+            o_slc, o_win, seen = branches_block(q, k_s, v_s, k_w, v_w, sel, c.sel_block, c.window, scale, self.block)
+        elif impl == "gather":
             o_slc, blk, valid = selected_gather(q, k_s, v_s, sel, c.sel_block, c.n_sel, scale, self.gather_chunk)
             o_win = window_band(q, k_w, v_w, c.window, scale)
             with torch.no_grad():
@@ -292,7 +342,10 @@ class NSAttention(nn.Module):
         if self.force_gates is not None:
             gates = torch.tensor(self.force_gates, dtype=x.dtype, device=x.device).view(1, 3, 1, 1, 1)
         else:
-            gates = torch.sigmoid(self.gate(x)).view(b, t, 3, self.h).permute(0, 2, 3, 1)[..., None]  # [B,3,H,T,1]
+            w = torch.cat([self.cmp.gate.weight, self.slc.gate.weight, self.win.gate.weight])  # [3*H, C] one matmul
+            bias = torch.cat([self.cmp.gate.bias, self.slc.gate.bias, self.win.gate.bias])
+            gates = torch.sigmoid(F.linear(x, w, bias)).view(b, t, 3, self.h)  # [B, T, 3, H]
+            gates = gates.permute(0, 2, 3, 1)[..., None]  # [B, 3, H, T, 1]
         if not self.fast_on:
             gates = gates * torch.tensor([1.0, 0.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1, 1)
         y = gates[:, 0] * o_cmp + gates[:, 1] * o_slc + gates[:, 2] * o_win  # [B, H, T, D]

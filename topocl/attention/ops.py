@@ -104,6 +104,13 @@ def attend_gathered(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float)
     return torch.einsum("bkgtj,bktjd->bkgtd", probs, v)
 
 
+def sdpa_masked(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """The fused kernel on a bool mask: what `attend` computes, without keeping [B, H, T, S] probabilities for
+    backward. q [B, H, T, D], k/v [B, H, S, D], mask bool broadcastable to [B, H, T, S] (True = visible); every
+    row needs a visible key (a fully masked row is NaN here, 0 in `attend`)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
 def sdpa_causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Dense causal attention with GQA. q [B,H,T,D], k/v [B,Hk,T,D] -> [B,H,T,D]."""
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])

@@ -27,7 +27,16 @@ import torch
 from torch import Tensor, nn
 
 from topocl.attention import flex
-from topocl.attention.ops import apply_rope, attend, attention_probs, causal_mask, repeat_kv, sdpa_causal, topk_mask
+from topocl.attention.ops import (
+    apply_rope,
+    attend,
+    attention_probs,
+    causal_mask,
+    repeat_kv,
+    sdpa_causal,
+    sdpa_masked,
+    topk_mask,
+)
 from topocl.config import ModelConfig
 from topocl.registry import ATTENTION
 
@@ -94,6 +103,23 @@ def row_budget(t: int, topk: int, frac: float, device: torch.device | None = Non
     return torch.minimum(k, prefix)
 
 
+def sparse_block(q: Tensor, k: Tensor, v: Tensor, budget: Tensor, scale: float,
+                 block: int = 128) -> tuple[Tensor, Tensor]:
+    """Group B per block of queries [t0, t1) over only the keys [0, t1) it can see: no-grad scores, the same
+    `topk_mask`, then the fused SDPA kernel on the kept keys (no [B, Hb, T, S] probabilities kept for backward).
+    Equals the mask path. q/k/v [B, Hb, T, D], budget [T, 1] -> (y [B, Hb, T, D], keep bool [B, Hb, T, T])."""
+    b, h, t, _ = q.shape
+    ys, keep = [], torch.zeros(b, h, t, t, dtype=torch.bool, device=q.device)
+    for t0 in range(0, t, block):
+        t1 = min(t, t0 + block)
+        vis = causal_mask(t1 - t0, t1, device=q.device)  # [Tc, S1]: key s visible to query t0+i iff s <= t0+i
+        with torch.no_grad():
+            kc = topk_mask(q[:, :, t0:t1] @ k[:, :, :t1].transpose(-1, -2), budget[t0:t1], vis)  # [B, Hb, Tc, S1]
+        keep[:, :, t0:t1, :t1] = kc
+        ys.append(sdpa_masked(q[:, :, t0:t1], k[:, :, :t1], v[:, :, :t1], kc, scale))
+    return torch.cat(ys, dim=2), keep
+
+
 class _Group(nn.Module):
     def __init__(self, d_model: int, n_q: int, n_kv: int, d: int) -> None:
         super().__init__()
@@ -126,9 +152,11 @@ class SplitAttention(nn.Module):
         self.dense = _Group(cfg.d_model, ka * g, ka, cfg.hd)  # group A
         self.sparse = _Group(cfg.d_model, kb * g, kb, cfg.hd)  # group B
         self.topk, self.frac = cfg.split.topk, cfg.split.topk_frac
-        if cfg.split.impl not in ("mask", "flex", "auto"):
-            raise ValueError(f"split.impl={cfg.split.impl!r}: use mask (reference) | flex | auto (flex on CUDA)")
+        if cfg.split.impl not in ("mask", "block", "flex", "auto"):
+            raise ValueError(f"split.impl={cfg.split.impl!r}: use mask (reference) | block | flex | auto (flex on "
+                             "CUDA, else block)")
         self.impl = cfg.split.impl
+        self.block = 128  # queries per block of the block path
         self.fast_on = True
         self.capture: list[dict] | None = None  # a list = record selections (topocl/analysis/routing.py)
 
@@ -149,18 +177,21 @@ class SplitAttention(nn.Module):
             return y, {"stat.split_key_frac": x.new_ones(())}
         g = qb.shape[1] // kb.shape[1]
         kb, vb = repeat_kv(kb, g), repeat_kv(vb, g)  # [B, Hb, T, D]
-        visible = causal_mask(t, device=x.device)  # [T, T]
-        with torch.no_grad():
-            scores = qb @ kb.transpose(-1, -2)  # [B, Hb, T, T], selection only (no gradient through indices)
-            keep = topk_mask(scores, row_budget(t, self.topk, self.frac, x.device), visible)
-        if flex.resolve_impl(self.impl, x.device) == "flex":
-            yb = flex.masked(qb, kb, vb, keep, 1.0 / math.sqrt(qb.shape[-1]))  # [B, Hb, T, D]
+        scale = 1.0 / math.sqrt(qb.shape[-1])
+        budget = row_budget(t, self.topk, self.frac, x.device)  # [T, 1]
+        impl = flex.resolve_impl(self.impl, x.device)
+        if impl == "block":
+            yb, keep = sparse_block(qb, kb, vb, budget, scale, self.block)
         else:
-            yb = attend(qb, kb, vb, keep, 1.0 / math.sqrt(qb.shape[-1]))  # [B, Hb, T, D]
+            visible = causal_mask(t, device=x.device)  # [T, T]
+            with torch.no_grad():
+                scores = qb @ kb.transpose(-1, -2)  # [B, Hb, T, T], selection only (no gradient through indices)
+                keep = topk_mask(scores, budget, visible)
+            attn = flex.masked if impl == "flex" else attend
+            yb = attn(qb, kb, vb, keep, scale)  # [B, Hb, T, D]
         if self.fast_on:
             y = y + self.sparse.out(yb)
         if self.capture is not None:  # opt-in: the sparse heads' kept keys [B, Hb, T, S] and probabilities
-            self.capture.append({"select": keep.cpu(), "probs": attention_probs(
-                qb, kb, keep, 1.0 / math.sqrt(qb.shape[-1])).detach().cpu()})
-        frac = keep.float().sum(-1).mean() / visible.float().sum(-1).mean()
+            self.capture.append({"select": keep.cpu(), "probs": attention_probs(qb, kb, keep, scale).detach().cpu()})
+        frac = keep.float().sum() / (keep.shape[0] * keep.shape[1] * t * (t + 1) / 2)  # kept / causal pairs
         return y, {"stat.split_key_frac": frac.detach()}
