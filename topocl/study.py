@@ -276,6 +276,10 @@ class Estimator:
         return getattr(getattr(self.cfg.estimate, r["kind"]), key)
 
 
+def hours(s: float) -> str:
+    return f"{s / 3600:.2f} h" if s >= 360 else f"{s / 60:.1f} min"
+
+
 def status_line(cfg: StudyConfig, runs: list[dict], done: dict[str, dict], est: Estimator) -> str:
     """One line: runs done / total (pretraining, continual), CPU time spent, estimated remaining."""
     n = {k: sum(r["kind"] == k for r in runs) for k in ("pretrain", "continual")}
@@ -285,9 +289,8 @@ def status_line(cfg: StudyConfig, runs: list[dict], done: dict[str, dict], est: 
     rem_cpu = sum(est(r, "cpu_s") for r in left)
     rem_wall = sum(est(r, "wall_s") for r in left) / max(1, cfg.executor.workers)
     return (f"study {cfg.name}: {len(done)}/{len(runs)} runs done (pretraining {d['pretrain']}/{n['pretrain']}, "
-            f"continual {d['continual']}/{n['continual']}), CPU {cpu / 3600:.2f} h spent, est. remaining "
-            f"{rem_cpu / 3600:.2f} CPU-h (~{rem_wall / 3600:.2f} h wall on {max(1, cfg.executor.workers)} "
-            "worker(s))")
+            f"continual {d['continual']}/{n['continual']}), CPU time {hours(cpu)} spent, est. remaining "
+            f"{hours(rem_cpu)} CPU (~{hours(rem_wall)} wall on {max(1, cfg.executor.workers)} worker(s))")
 
 
 # ----------------------------------------------------------------------------- committing finished runs

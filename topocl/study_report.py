@@ -15,11 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from topocl.study import Estimator, expand, load_study, records, status_line, study_file
-
-
-def _hours(s: float) -> str:
-    return f"{s / 3600:.2f} h" if s >= 360 else f"{s / 60:.1f} min"
+from topocl.study import Estimator, expand, hours, load_study, records, status_line, study_file
 
 
 def progress_by_label(cfg, runs: list[dict], done: dict[str, dict]) -> dict[str, tuple[list[int], int]]:
@@ -73,8 +69,8 @@ def _cost(runs: list[dict], done: dict[str, dict]) -> list[str]:
     if not recs:
         return []
     by_kind = {k: [x for x in recs if x["kind"] == k] for k in ("pretrain", "continual")}
-    md = ["## Cost", "", f"Total CPU time {_hours(sum(x['cpu_s'] for x in recs))} over {len(recs)} finished runs "
-          f"(wall {_hours(sum(x['wall_s'] for x in recs))}, summed over runs; hosts: "
+    md = ["## Cost", "", f"Total CPU time {hours(sum(x['cpu_s'] for x in recs))} over {len(recs)} finished runs "
+          f"(wall {hours(sum(x['wall_s'] for x in recs))}, summed over runs; hosts: "
           f"{', '.join(sorted({x['host'] for x in recs}))}). CPU time is the run process's own (os.wait4), so "
           "it does not grow with other load on the machine; wall time does.", "",
           "| kind | group | runs | CPU per run | wall per run |", "|---|---|---|---|---|"]
@@ -83,8 +79,8 @@ def _cost(runs: list[dict], done: dict[str, dict]) -> list[str]:
         for x in xs:
             groups.setdefault(x["label"] if kind == "continual" else x["topology"], []).append(x)
         for g, ys in groups.items():
-            md.append(f"| {kind} | {g} | {len(ys)} | {_hours(sum(y['cpu_s'] for y in ys) / len(ys))} | "
-                      f"{_hours(sum(y['wall_s'] for y in ys) / len(ys))} |")
+            md.append(f"| {kind} | {g} | {len(ys)} | {hours(sum(y['cpu_s'] for y in ys) / len(ys))} | "
+                      f"{hours(sum(y['wall_s'] for y in ys) / len(ys))} |")
     return md
 
 
