@@ -1,7 +1,8 @@
 """Executing the runs of a sweep: one run = one `python -m topocl <kind> CONFIG k=v ...` subprocess.
 
     execute_run(run, env)        runs one run, writes RUN/sweep.log and, on success only, RUN/DONE.json
-                                 (atomically, last): the marker that makes a re-launch skip the run
+                                 (atomically, last): the marker that makes a re-launch skip the run; its
+                                 result has the run's wall and CPU seconds (os.wait4: the child's own usage)
     run_local(runs, ex, ...)     N parallel slots on this machine; slot i gets CUDA_VISIBLE_DEVICES = its GPU
                                  (or "" for a CPU slot)
     run_submitit(runs, ex, ...)  Slurm through submitit (ex.kind=slurm), or submitit's LocalExecutor /
@@ -66,20 +67,41 @@ def command(run: dict) -> list[str]:
     return [sys.executable, "-m", "topocl", run["kind"], run["config"], *run["overrides"], *extra]
 
 
-def execute_run(run: dict, env: dict[str, str] | None = None) -> dict:
-    """Run one sweep run to completion in a subprocess; returns {status, returncode, wall_s, log}."""
+def _wait(proc: subprocess.Popen, f, echo: bool) -> tuple[int, float]:
+    """(exit code, CPU seconds of the child and its waited-for children) of `proc`; with `echo` its output goes
+    to stderr as well as to the log `f` (so the run's own progress bar shows)."""
+    try:
+        if echo:
+            for chunk in iter(lambda: proc.stdout.read1(1 << 14), b""):
+                f.write(chunk)
+                f.flush()
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.flush()
+            proc.stdout.close()
+        _, status, usage = os.wait4(proc.pid, 0)
+    except BaseException:  # interrupted: do not leave the run behind
+        proc.kill()
+        proc.wait()
+        raise
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_utime + usage.ru_stime
+
+
+def execute_run(run: dict, env: dict[str, str] | None = None, echo: bool = False) -> dict:
+    """Run one sweep run to completion in a subprocess; returns {status, returncode, wall_s, cpu_s, log}."""
     out = Path(run["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
     log = out / LOG
     cmd = command(run)
     t0 = time.perf_counter()
-    with open(log, "a") as f:
-        f.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(cmd)}\n")
+    with open(log, "ab") as f:
+        f.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(cmd)}\n".encode())
         f.flush()
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                            cwd=run.get("cwd")).returncode
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if echo else f, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})}, cwd=run.get("cwd"))
+        rc, cpu = _wait(proc, f, echo)
     res = {"status": "done" if rc == 0 else "failed", "returncode": rc, "wall_s": time.perf_counter() - t0,
-           "log": str(log)}
+           "cpu_s": cpu, "log": str(log)}
     if rc == 0:
         write_json_atomic(out / DONE, {**res, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return res
@@ -110,17 +132,23 @@ def slot_envs(ex: ExecutorConfig) -> list[dict[str, str]]:
 Callback = Callable[[dict, dict], None]
 
 
-def run_local(runs: list[dict], ex: ExecutorConfig, on_finish: Callback) -> None:
-    """Execute `runs` on parallel local slots; `on_finish(run, result)` is called (serialised) per run."""
+def run_local(runs: list[dict], ex: ExecutorConfig, on_finish: Callback,
+              should_start: Callable[[dict], bool] | None = None, echo: bool = False) -> None:
+    """Execute `runs` on parallel local slots; `on_finish(run, result)` is called (serialised) per run.
+    `should_start(run)` (serialised), when given, is asked just before a run starts: False leaves it unstarted
+    (on_finish gets status "not started"). `echo`: each run's output goes to stderr too (one slot only)."""
     envs = slot_envs(ex)
     free = list(range(len(envs)))
     lock = threading.Lock()
 
     def work(run: dict) -> None:
         with lock:
+            if should_start is not None and not should_start(run):
+                on_finish(run, {"status": "not started"})
+                return
             slot = free.pop()
         try:
-            res = execute_run(run, envs[slot])
+            res = execute_run(run, envs[slot], echo=echo and len(envs) == 1)
         except Exception as e:  # noqa: BLE001 - a broken run must not stop the sweep
             res = {"status": "failed", "returncode": -1, "wall_s": 0.0, "log": str(Path(run["out_dir"]) / LOG),
                    "error": repr(e)}

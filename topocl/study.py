@@ -1,0 +1,501 @@
+"""`topocl study STUDY.yaml [--budget 100m] [--shard i/n] [--dry-run]`: a resumable, shardable study.
+
+    topocl study studies/window-breaking-tiny/study.yaml --dry-run      # the runs, what is done, missing presets
+    topocl study studies/window-breaking-tiny/study.yaml --budget 3h    # run what is missing, within 3 hours
+    topocl study status studies/window-breaking-tiny                    # one line: done/total, CPU time, estimate
+    topocl study report studies/window-breaking-tiny                    # FINDINGS.md (topocl/study_report.py)
+
+A study expands pretraining runs (topology x size x pretraining seed), named `pre-<topology>[-<size>]-s<seed>`,
+and continual runs (arm x size x pretraining seed x order x learning-rate grid point), named
+`<arm>[-<size>][-lr<lr>]-s<seed>-o<order>`; continual seed s runs on pretraining seed s, so each pretraining
+seed is one independent replicate and arms compare paired on it. The results' run name (what the report pools
+over seeds and orders) is `<arm>[-<size>][-lr<lr>]`.
+
+Where things live: the study file's folder (studies/<name>/) is in the repository; every finished run's small
+artifacts are copied into studies/<name>/runs/<run>/ (config.yaml, results.jsonl, cost.json, meta.json,
+summary.json, metrics.jsonl when small, and run.json, written last: a run with a run.json is finished).
+Checkpoints and logs stay in the scratch folder (`scratch`, default runs/studies/<name>/, ignored by git).
+So a new machine continues where the repository left the study. A continual run needs its pretraining
+checkpoint: when the pretraining run is committed but its checkpoint is not on this machine, the pretraining
+is run again (same config and seed) into scratch and its summary.json must match the committed one (tokens
+exactly, val_loss and val_bpb within `repretrain_tolerance`, relative); when it does not, that replicate's
+missing continual runs are blocked (reported, not run), since they would start from a different model.
+
+Execution reuses topocl.sweep_exec (one `python -m topocl <kind>` subprocess per run, resumed when killed).
+Work is grouped in units (one pretraining run + the continual runs on it), in pretraining-seed-major order so a
+budget-limited session finishes whole replicates first. `--budget` (e.g. 90m, 2h, 1h30m) is wall time: a run
+is started only when its estimated wall time (the mean of this study's finished runs of the same arm or
+topology, else of the same kind, else the file's `estimate`) fits in what is left; after the first run that
+does not fit, nothing more starts and the study stops cleanly. `--shard i/n` takes a deterministic share of
+the units (greedy on static run counts), disjoint across i and covering the study.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from topocl.checkpoint import write_json_atomic
+from topocl.config import ConfigError, PretrainConfig, load_config
+from topocl.sweep_exec import DONE, ExecutorConfig, is_done, run_local
+
+RECORD = "run.json"  # written last into the committed run directory: the run is finished
+KEEP = {"pretrain": ["config.yaml", "meta.json", "summary.json", "metrics.jsonl", "samples.txt"],
+        "continual": ["config.yaml", "results.jsonl", "cost.json", "meta.json"]}
+REQUIRED = {"pretrain": ["config.yaml", "summary.json"], "continual": ["config.yaml", "results.jsonl", "cost.json"]}
+SMALL = 2 << 20  # optional files (metrics.jsonl, per-stream logs) are committed only up to this size
+
+
+@dataclass
+class Topology:
+    config: str = ""  # pretraining preset, relative to the study file
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Arm:
+    config: str = ""  # continual preset, relative to the study file
+    topology: str = ""  # the study topology whose pretrained model this arm starts from
+    lr: list[float] = field(default_factory=list)  # learning-rate grid; [] = the preset's train.lr
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Cost:
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+
+
+@dataclass
+class Estimate:
+    """Measured cost of one run per kind (benchmarks/study_run.py), used until the study has its own."""
+
+    pretrain: Cost = field(default_factory=Cost)
+    continual: Cost = field(default_factory=Cost)
+    source: str = ""  # where the numbers come from (benchmark JSON, commit, machine)
+
+
+@dataclass
+class StudyConfig:
+    name: str = ""  # "" = the study folder's name
+    question: str = ""
+    design: str = ""  # the choices (sizing, grid) and why, in words: FINDINGS.md repeats it
+    scratch: str = ""  # checkpoints and logs; "" = runs/studies/<name>
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # pretraining seeds (= continual seeds)
+    orders: list[int] = field(default_factory=lambda: [0])
+    sizes: dict[str, list[str]] = field(default_factory=dict)  # size -> pretraining overrides; {} = one size
+    pretrain_overrides: list[str] = field(default_factory=list)  # every pretraining run
+    continual_overrides: list[str] = field(default_factory=list)  # every continual run
+    topologies: dict[str, Topology] = field(default_factory=dict)
+    arms: dict[str, Arm] = field(default_factory=dict)
+    baseline: str = ""  # results run name of the dense baseline (report: crossover, paired verdicts)
+    joint: str = ""  # results run name of the joint-training reference ("" = from its config)
+    repretrain_tolerance: float = 0.02
+    estimate: Estimate = field(default_factory=Estimate)
+    executor: ExecutorConfig = field(default_factory=lambda: ExecutorConfig(workers=1, threads=1))
+
+
+def study_file(path: str | Path) -> Path:
+    """STUDY.yaml itself, or the study folder holding study.yaml."""
+    path = Path(path)
+    path = path / "study.yaml" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"no study file at {path}")
+    return path
+
+
+def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
+    path = study_file(path)
+    cfg = load_config(StudyConfig, path, overrides)
+    cfg.name = cfg.name or path.resolve().parent.name
+    cfg.scratch = cfg.scratch or f"runs/studies/{cfg.name}"
+    if not cfg.topologies or not cfg.arms or not cfg.seeds:
+        raise ConfigError(f"{path}: a study needs topologies:, arms: and seeds:")
+    for name, arm in cfg.arms.items():
+        if arm.topology not in cfg.topologies:
+            raise ConfigError(f"{path}: arms.{name}.topology={arm.topology!r} is not one of the study's topologies "
+                              f"({', '.join(cfg.topologies)})")
+        if len(set(arm.lr)) != len(arm.lr) or any(lr <= 0 for lr in arm.lr):
+            raise ConfigError(f"{path}: arms.{name}.lr={arm.lr}: distinct positive learning rates")
+    for name, top in [*cfg.topologies.items(), *cfg.arms.items()]:
+        if not top.config:
+            raise ConfigError(f"{path}: {name}.config is required")
+    if cfg.executor.kind != "local":
+        raise ConfigError(f"{path}: executor.kind={cfg.executor.kind!r}: a study runs on local slots (its budget "
+                          "is checked before each run starts); use topocl sweep for Slurm")
+    return cfg
+
+
+def lr_label(lr: float) -> str:
+    return f"lr{lr:g}"
+
+
+def expand(cfg: StudyConfig, path: str | Path, check: bool = True) -> list[dict]:
+    """Every run: {name, label, kind, arm, topology, size, seed, order, lr, unit, config, overrides, out_dir,
+    needs, cwd, preset_exists}. With `check`, every run's config is loaded strictly (existing presets only)."""
+    base = study_file(path).resolve().parent
+    scratch = Path(cfg.scratch)
+    sizes = list(cfg.sizes.items()) or [("", [])]
+    runs = []
+    for seed in cfg.seeds:  # pretraining-seed-major: whole replicates first
+        for top_name, top in cfg.topologies.items():
+            for size, size_ov in sizes:
+                tag = f"-{size}" if size else ""
+                pre = f"pre-{top_name}{tag}-s{seed}"
+                unit = len({r["unit"] for r in runs})
+                cfg_path = (base / top.config).resolve()
+                runs.append({"name": pre, "label": pre, "kind": "pretrain", "arm": top_name, "topology": top_name,
+                             "size": size, "seed": seed, "order": None, "lr": None, "unit": unit,
+                             "config": str(cfg_path), "preset_exists": cfg_path.is_file(), "needs": None,
+                             "overrides": [*cfg.pretrain_overrides, *size_ov, *top.overrides,
+                                           f"seed={seed}", f"out_dir={scratch / pre}"],
+                             "out_dir": str(scratch / pre), "cwd": os.getcwd()})
+                for arm_name, arm in cfg.arms.items():
+                    if arm.topology != top_name:
+                        continue
+                    arm_path = (base / arm.config).resolve()
+                    for lr in arm.lr or [None]:
+                        label = arm_name + tag + (f"-{lr_label(lr)}" if lr is not None and len(arm.lr) > 1 else "")
+                        for order in cfg.orders:
+                            name = f"{label}-s{seed}-o{order}"
+                            grid = [f"train.lr={lr!r}"] if lr is not None else []
+                            runs.append({"name": name, "label": label, "kind": "continual", "arm": arm_name,
+                                         "topology": top_name, "size": size, "seed": seed, "order": order,
+                                         "lr": lr, "unit": unit, "config": str(arm_path),
+                                         "preset_exists": arm_path.is_file(), "needs": pre,
+                                         "overrides": [*cfg.continual_overrides, *arm.overrides, *grid,
+                                                       f"seeds=[{seed}]", f"orders=[{order}]", f"run={label}",
+                                                       f"init={scratch / pre}", f"out_dir={scratch / name}"],
+                                         "out_dir": str(scratch / name), "cwd": os.getcwd()})
+    names = [r["name"] for r in runs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"run names collide: {sorted({n for n in names if names.count(n) > 1})}")
+    labels = {r["label"] for r in runs}
+    for key in ("baseline", "joint"):
+        if getattr(cfg, key) and getattr(cfg, key) not in labels:
+            raise ConfigError(f"{key}={getattr(cfg, key)!r} is not a run name of this study "
+                              f"({', '.join(sorted(labels))})")
+    if check:
+        from topocl.continual import ContinualConfig
+
+        for r in runs:
+            if r["preset_exists"]:
+                load_config(PretrainConfig if r["kind"] == "pretrain" else ContinualConfig, r["config"],
+                            r["overrides"])
+    return runs
+
+
+def missing_presets(runs: list[dict]) -> dict[str, list[str]]:
+    """Preset file -> the arms/topologies that need it, for presets that do not exist."""
+    out: dict[str, list[str]] = {}
+    for r in runs:
+        if not r["preset_exists"] and r["arm"] not in out.setdefault(os.path.relpath(r["config"]), []):
+            out[os.path.relpath(r["config"])].append(r["arm"])
+    return out
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not m or not 0 <= int(m[1]) < int(m[2]):
+        raise ConfigError(f"--shard {text!r}: use i/n with 0 <= i < n (e.g. 0/2 and 1/2)")
+    return int(m[1]), int(m[2])
+
+
+def shard_units(runs: list[dict], i: int, n: int) -> set[int]:
+    """The units of shard i of n: units in study order, each to the shard with the fewest runs so far (ties: the
+    lowest index). Depends only on the study file, so shards are disjoint and together cover every unit."""
+    sizes: dict[int, int] = {}
+    for r in runs:
+        sizes[r["unit"]] = sizes.get(r["unit"], 0) + 1
+    load = [0] * n
+    mine = set()
+    for unit, size in sizes.items():
+        k = min(range(n), key=lambda s: (load[s], s))
+        load[k] += size
+        if k == i:
+            mine.add(unit)
+    return mine
+
+
+def parse_budget(text: str) -> float:
+    """'90m', '2h', '1h30m', '45s' -> seconds."""
+    m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", text.strip())
+    if not text.strip() or not m:
+        raise ConfigError(f"--budget {text!r}: give a duration such as 90m, 2h, 1h30m or 600s")
+    h, mins, s = (float(x) if x else 0.0 for x in m.groups())
+    return 3600 * h + 60 * mins + s
+
+
+# ----------------------------------------------------------------------------- state of the study
+
+
+def committed_dir(path: str | Path, run: dict) -> Path:
+    return study_file(path).resolve().parent / "runs" / run["name"]
+
+
+def records(path: str | Path, runs: list[dict]) -> dict[str, dict]:
+    """Run name -> its committed run.json, for the finished runs."""
+    out = {}
+    for r in runs:
+        f = committed_dir(path, r) / RECORD
+        if f.is_file():
+            out[r["name"]] = json.loads(f.read_text())
+    return out
+
+
+class Estimator:
+    """Expected wall / CPU seconds of a run: this session's runs of the same group, else the committed ones of
+    the group, else of the same kind, else the study file's measured estimate (0 when it has none)."""
+
+    def __init__(self, cfg: StudyConfig, done: dict[str, dict]):
+        self.cfg, self.done, self.session = cfg, dict(done), {}
+
+    @staticmethod
+    def group(r: dict) -> tuple:
+        return (r["kind"], r["arm"], r["size"])
+
+    def add(self, r: dict, rec: dict) -> None:
+        self.session[r["name"]] = rec
+
+    def __call__(self, r: dict, key: str = "wall_s") -> float:
+        for pool in (self.session, self.done):
+            same = [x[key] for x in pool.values() if tuple(x["group"]) == self.group(r)]
+            if same:
+                return sum(same) / len(same)
+        kind = [x[key] for x in {**self.done, **self.session}.values() if x["kind"] == r["kind"]]
+        if kind:
+            return sum(kind) / len(kind)
+        return getattr(getattr(self.cfg.estimate, r["kind"]), key)
+
+
+def hours(s: float) -> str:
+    return f"{s / 3600:.2f} h" if s >= 360 else f"{s / 60:.1f} min"
+
+
+def status_line(cfg: StudyConfig, runs: list[dict], done: dict[str, dict], est: Estimator) -> str:
+    """One line: runs done / total (pretraining, continual), CPU time spent, estimated remaining."""
+    n = {k: sum(r["kind"] == k for r in runs) for k in ("pretrain", "continual")}
+    d = {k: sum(r["kind"] == k and r["name"] in done for r in runs) for k in n}
+    cpu = sum(x["cpu_s"] for x in done.values())
+    left = [r for r in runs if r["name"] not in done]
+    rem_cpu = sum(est(r, "cpu_s") for r in left)
+    rem_wall = sum(est(r, "wall_s") for r in left) / max(1, cfg.executor.workers)
+    return (f"study {cfg.name}: {len(done)}/{len(runs)} runs done (pretraining {d['pretrain']}/{n['pretrain']}, "
+            f"continual {d['continual']}/{n['continual']}), CPU time {hours(cpu)} spent, est. remaining "
+            f"{hours(rem_cpu)} CPU (~{hours(rem_wall)} wall on {max(1, cfg.executor.workers)} worker(s))")
+
+
+# ----------------------------------------------------------------------------- committing finished runs
+
+
+def _copy_small(src: Path, dst: Path, names: list[str], required: list[str]) -> None:
+    for name in names:
+        f = src / name
+        if name in required and not f.is_file():
+            raise FileNotFoundError(f"{src} finished without {name}")
+        if f.is_file() and (name in required or f.stat().st_size <= SMALL):
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dst / name)
+
+
+def commit_run(path: str | Path, run: dict, res: dict) -> dict:
+    """Copy a finished scratch run's small artifacts into the study folder; run.json last (atomically)."""
+    src, dst = Path(run["out_dir"]), committed_dir(path, run)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    names = list(KEEP[run["kind"]])
+    if run["kind"] == "continual":  # per-stream training logs, when small
+        names += [str(f.relative_to(src)) for f in sorted(src.glob("seed*-order*/*.jsonl"))]
+    _copy_small(src, tmp, names, REQUIRED[run["kind"]])
+    from topocl.pretrain import git_sha
+
+    rec = {k: run[k] for k in ("name", "label", "kind", "arm", "topology", "size", "seed", "order", "lr")}
+    rec.update(group=list(Estimator.group(run)), config=os.path.relpath(run["config"], study_file(path).parent),
+               overrides=run["overrides"], wall_s=round(res.get("wall_s", 0.0), 2),
+               cpu_s=round(res.get("cpu_s", 0.0), 2), host=socket.gethostname(), git_sha=git_sha(),
+               finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    write_json_atomic(dst / RECORD, rec)
+    return rec
+
+
+def checkpoint_ready(run: dict) -> bool:
+    out = Path(run["out_dir"])
+    return is_done(out) and (out / "checkpoints" / "LATEST").is_file()
+
+
+def verify_repretrain(path: str | Path, run: dict, tol: float) -> str:
+    """'' when the scratch re-run's summary.json matches the committed one, else why not."""
+    mine = json.loads((Path(run["out_dir"]) / "summary.json").read_text())
+    ref = json.loads((committed_dir(path, run) / "summary.json").read_text())
+    if mine.get("tokens_seen") != ref.get("tokens_seen"):
+        return f"tokens_seen {mine.get('tokens_seen')} vs committed {ref.get('tokens_seen')}"
+    for k in ("val_loss", "val_bpb"):
+        a, b = mine.get(k), ref.get(k)
+        if (a is None) != (b is None) or (b is not None and abs(a - b) > tol * abs(b)):
+            return f"{k} {a} vs committed {b} (tolerance {tol:.0%} relative)"
+    return ""
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_study(cfg: StudyConfig, path: str | Path, runs: list[dict], budget_s: float = 0.0,
+              shard: tuple[int, int] = (0, 1)) -> dict:
+    """Run what is missing of this shard within the budget; returns {status per run name, stopped, ...}."""
+    from tqdm import tqdm
+
+    missing = missing_presets(runs)
+    if missing:
+        raise ConfigError("missing presets (create them or remove their arms): " + "; ".join(
+            f"{p} (needed by {', '.join(a)})" for p, a in missing.items()))
+    units = shard_units(runs, *shard)
+    mine = [r for r in runs if r["unit"] in units]
+    done = records(path, runs)
+    est = Estimator(cfg, done)
+    status = {r["name"]: "done" for r in mine if r["name"] in done}
+    for r in mine:  # finished in scratch but not committed (the last session stopped in between)
+        if r["name"] not in done and is_done(Path(r["out_dir"])):
+            done[r["name"]] = commit_run(path, r, json.loads((Path(r["out_dir"]) / DONE).read_text()))
+            status[r["name"]] = "done"
+    t0, stop = time.monotonic(), {"budget": False}
+    bar = tqdm(total=len(mine), initial=len(status), desc=f"study {cfg.name}", unit="run", dynamic_ncols=True,
+               file=sys.stderr)
+
+    def should_start(run: dict) -> bool:
+        if stop["budget"]:
+            return False
+        if budget_s and time.monotonic() - t0 + est(run) > budget_s:
+            stop["budget"] = True
+            bar.write(f"budget: {run['name']} (est. {est(run) / 60:.1f} min) does not fit in the "
+                      f"{(budget_s - time.monotonic() + t0) / 60:.1f} min left; stopping")
+            return False
+        return True
+
+    def on_finish(run: dict, res: dict) -> None:
+        if res["status"] == "not started":
+            status[run["name"]] = "not started"
+            return
+        if res["status"] != "done":
+            status[run["name"]] = "failed"
+            bar.write(f"FAILED {run['name']} (exit {res.get('returncode')}): see {res.get('log')}")
+            return
+        if run.get("restore"):  # a re-pretraining for the checkpoint: never overwrites the committed record
+            status[run["name"]] = "done"
+            return
+        done[run["name"]] = rec = commit_run(path, run, res)
+        est.add(run, rec)
+        status[run["name"]] = "done"
+        bar.update(1)
+        bar.write(status_line(cfg, runs, done, est))
+
+    by_unit: dict[int, list[dict]] = {}
+    for r in mine:
+        by_unit.setdefault(r["unit"], []).append(r)
+    todo_units = [u for u, rs in by_unit.items() if any(r["name"] not in done for r in rs)]
+    width = max(1, cfg.executor.workers)
+    echo = width == 1
+    blocked: dict[str, str] = {}
+    for g in range(0, len(todo_units), width):
+        group = [by_unit[u] for u in todo_units[g:g + width]]
+        wave = []
+        for rs in group:
+            pre, conts = rs[0], [r for r in rs[1:] if r["name"] not in done]
+            if pre["name"] not in done:
+                wave.append(pre)
+            elif conts and not checkpoint_ready(pre):
+                wave.append({**pre, "restore": True})
+                bar.write(f"{pre['name']}: committed, but its checkpoint is not on this machine: pretraining again "
+                          f"into {pre['out_dir']} (checked against the committed summary.json)")
+        if wave:
+            run_local(wave, cfg.executor, on_finish, should_start, echo)
+        batch = []
+        for rs in group:
+            pre, conts = rs[0], [r for r in rs[1:] if r["name"] not in done]
+            if not conts:
+                continue
+            if pre["name"] not in done or not checkpoint_ready(pre):
+                state = status.get(pre["name"], "not started")
+                if state == "not started":  # the budget stopped before it
+                    continue
+                why = f"{pre['name']} {state}"
+            else:
+                why = verify_repretrain(path, pre, cfg.repretrain_tolerance)
+                why = f"re-pretrained {pre['name']} differs from the committed run: {why}" if why else ""
+            if why:
+                for r in conts:
+                    status[r["name"]] = blocked[r["name"]] = why
+                continue
+            batch += conts
+        if batch:
+            run_local(batch, cfg.executor, on_finish, should_start, echo)
+        if stop["budget"]:
+            break
+    bar.close()
+    for r in mine:
+        status.setdefault(r["name"], "not started")
+    return {"status": status, "blocked": blocked, "budget_stop": stop["budget"], "done": done, "estimator": est,
+            "wall_s": time.monotonic() - t0}
+
+
+def print_expansion(cfg: StudyConfig, path: str | Path, runs: list[dict], shard: tuple[int, int]) -> int:
+    done = records(path, runs)
+    units = shard_units(runs, *shard)
+    mine = [r for r in runs if r["unit"] in units]
+    print(f"study {cfg.name}: {len(runs)} runs ({len(mine)} in shard {shard[0]}/{shard[1]}), scratch {cfg.scratch}")
+    for r in mine:
+        state = "done" if r["name"] in done else ("scratch" if Path(r["out_dir"]).exists() else "todo")
+        flag = "" if r["preset_exists"] else "  MISSING PRESET"
+        after = f"  [after {r['needs']}]" if r["needs"] else ""
+        print(f"  {r['name']:<34} {state:<7} topocl {r['kind']} {os.path.relpath(r['config'])} "
+              f"{' '.join(r['overrides'])}{after}{flag}")
+    print(status_line(cfg, runs, done, Estimator(cfg, done)))
+    missing = missing_presets(runs)
+    for p, arms in missing.items():
+        print(f"missing preset: {p} (needed by {', '.join(arms)}); the study cannot start until it exists",
+              file=sys.stderr)
+    return 1 if missing else 0
+
+
+def cli(argv: list[str]) -> int:
+    if argv and argv[0] in ("status", "report"):
+        from topocl.study_report import cli as sub
+
+        return sub(argv)
+    ap = argparse.ArgumentParser(prog="topocl study", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("study", help="study file (studies/<name>/study.yaml) or its folder")
+    ap.add_argument("overrides", nargs="*", help="study keys, e.g. seeds=[0,1] executor.workers=2")
+    ap.add_argument("--budget", default="", help="wall-time budget, e.g. 90m, 2h, 1h30m (default: none)")
+    ap.add_argument("--shard", default="0/1", help="i/n: run only this deterministic share of the study")
+    ap.add_argument("--dry-run", action="store_true", help="print the runs, their state and missing presets")
+    args = ap.parse_args(argv)
+    cfg = load_study(args.study, args.overrides)
+    shard = parse_shard(args.shard)
+    budget = parse_budget(args.budget) if args.budget else 0.0
+    runs = expand(cfg, args.study)
+    if args.dry_run:
+        return print_expansion(cfg, args.study, runs, shard)
+    out = run_study(cfg, args.study, runs, budget, shard)
+    print(status_line(cfg, runs, out["done"], out["estimator"]))
+    counts: dict[str, int] = {}
+    for s in out["status"].values():
+        counts[s if s in ("done", "failed", "not started") else "blocked"] = counts.get(s, 0) + 1
+    print(f"this session (shard {shard[0]}/{shard[1]}, {out['wall_s'] / 60:.1f} min): "
+          + ", ".join(f"{n} {k}" for k, n in counts.items())
+          + (" — stopped by the budget" if out["budget_stop"] else ""))
+    for name, why in out["blocked"].items():
+        print(f"  blocked: {name}: {why}")
+    print(f"commit the finished runs: git add {study_file(args.study).parent}; report: topocl study report "
+          f"{study_file(args.study).parent}")
+    return 0 if not counts.get("failed") and not out["blocked"] else 1
