@@ -63,6 +63,8 @@ def test_stream_is_deterministic_and_prefix_consistent():
         assert s.texts == long.texts and s.meta == long.meta
         assert [(p.prompt, p.answer, p.candidates) for p in s.probes] == \
             [(p.prompt, p.answer, p.candidates) for p in long.probes]
+    warm = build_stream("capacity", {"n_tasks": 2, "facts_per_task": 6, "warmup_tasks": 1})
+    assert [t.name for t in warm] == ["warmup0", "task0", "task1"] and warm[0].meta == a[0].meta
     other = stream(seed=1)
     assert other[0].meta["facts"] != a[0].meta["facts"]
     with pytest.raises(ValueError, match="candidates"):
@@ -94,6 +96,10 @@ def test_cells_from_a_hand_made_matrix():
     assert cells[2]["retained"] == pytest.approx((0.875 - 0.25) / 0.75)
     assert cells[3]["final"] == pytest.approx(2 / 3) and cells[3]["learned"] == pytest.approx(2.75 / 3)
     assert cells_from_matrix([[0.25, 0.25], [1.0, nan]], [1, 2], 0.25)[0]["n"] == 1  # unfinished n = 2 skipped
+    # one warm-up task in front: the same cells read one row and one column further
+    Rw = [[0.25] + r for r in [[0.25, 0.25, 0.25]] + R]
+    Rw[1][0] = 1.0
+    assert cells_from_matrix(Rw, [1, 2, 3], 0.25, warmup=1) == cells_from_matrix(R, [1, 2, 3], 0.25)
 
 
 def test_law_fits_recover_a_known_product_law():

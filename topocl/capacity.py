@@ -11,6 +11,7 @@ prefix-consistent, so the evaluation after task n - 1 of that one run is the gri
     retained(n, d) = (final - c) / (1 - c)     chance-corrected (c = 1 / candidates): the share of the n·d
                                                taught facts still held at the end (0 = chance, 1 = all)
 
+With `stream_options.warmup_tasks` = w, w format-teaching tasks come first and the cells read past them.
 Training steps per task scale with d (`steps_per_fact`), so every fact gets the same exposure at every depth.
 Capacity (topocl/capacity_report.py) = the largest n·d whose retained fraction is >= `threshold`.
 
@@ -103,17 +104,23 @@ def chance(cfg: CapacityStudyConfig) -> float:
     return 1.0 / int(cfg.stream_options.get("candidates", CapacityConfig.candidates))
 
 
-def cells_from_matrix(R: list[list[float]], n_tasks: list[int], c: float) -> list[dict]:
-    """Grid cells (n, final, learned, retained, learned_cc) of one stream's R ((T + 1) x T, row 0 = init)."""
+def cells_from_matrix(R: list[list[float]], n_tasks: list[int], c: float, warmup: int = 0) -> list[dict]:
+    """Grid cells (n, final, learned, retained, learned_cc) of one stream's R ((T + 1) x T, row 0 = init), whose
+    first `warmup` tasks are not measured: cell n reads row warmup + n, columns warmup .. warmup + n - 1."""
     out = []
     for n in n_tasks:
-        if n >= len(R) or any(math.isnan(R[n][j]) for j in range(n)):
+        row = warmup + n
+        if row >= len(R) or any(math.isnan(R[row][warmup + j]) for j in range(n)):
             continue
-        final = sum(R[n][j] for j in range(n)) / n
-        learned = sum(R[j + 1][j] for j in range(n)) / n
+        final = sum(R[row][warmup + j] for j in range(n)) / n
+        learned = sum(R[warmup + j + 1][warmup + j] for j in range(n)) / n
         out.append({"n": n, "final": final, "learned": learned, "retained": (final - c) / (1 - c),
                     "learned_cc": (learned - c) / (1 - c)})
     return out
+
+
+def warmup(cfg: CapacityStudyConfig) -> int:
+    return int(cfg.stream_options.get("warmup_tasks", 0))
 
 
 # ----------------------------------------------------------------------------- stages
@@ -187,7 +194,7 @@ def activations(cfg: CapacityStudyConfig, init: Path, final: Path | None) -> lis
 
     device = resolve_device(cfg.device)
     model, tok, pcfg = load_run(init, device)
-    tasks = build_stream("capacity", stream_options(cfg, cfg.n_tasks[-1], cfg.depths[-1]))
+    tasks = build_stream("capacity", stream_options(cfg, cfg.n_tasks[-1], cfg.depths[-1]))[warmup(cfg):]
     ids = torch.cat([task_rows(t, tok, pcfg.data.seq_len)[:2] for t in tasks])[:, :-1].to(device)  # [R, T]
     rows = []
     for stage in ("pre", "post"):
@@ -231,7 +238,7 @@ def run_study(cfg: CapacityStudyConfig) -> Path:
                 _upsert(study / "matrices.jsonl", [{**key, "R": R}], ("model", "seed", "d"))
                 _upsert(study / "cells.jsonl", [{**key, **cell, "load": cell["n"] * d,
                                                  "params": meta["params_total"]}
-                                                for cell in cells_from_matrix(R, cfg.n_tasks, c)],
+                                                for cell in cells_from_matrix(R, cfg.n_tasks, c, warmup(cfg))],
                         ("model", "seed", "d", "n"))
                 last = run / f"seed{seed}-order0" / "checkpoints"
             done = {(r["model"], r["seed"], r["stage"]) for r in _read_jsonl(study / "activations.jsonl")}

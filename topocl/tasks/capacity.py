@@ -11,6 +11,9 @@ the secret word of Drubelo is" -> " quamintra"). Candidates: the answer and `can
 facts of the same task (so a probe needs the subject→value binding, not only knowing which words were
 taught); hence d >= candidates. Chance accuracy = 1 / candidates.
 
+`warmup_tasks` extra tasks (same construction, their own facts) come first; the study trains them but measures
+only the n tasks after them.
+
 Deterministic from the seed and prefix-consistent: the stream with n tasks is the first n tasks of the
 stream with more tasks (same d, seed), so one run of n_max tasks, evaluated after each task, gives every
 n <= n_max of the grid (topocl/capacity.py relies on this; tested).
@@ -42,6 +45,8 @@ class CapacityConfig:
     mentions: int = 8  # training statements of each fact
     sentences_per_text: int = 4
     candidates: int = 4  # answer + values of other facts of the task; chance = 1 / candidates
+    warmup_tasks: int = 0  # tasks put before the n measured ones (named warmup{i}): they teach the statement
+    # format, so that the first measured task is not also the one where the format is learned
 
 
 def words(count: int, rng: random.Random) -> list[str]:
@@ -60,7 +65,7 @@ def facts(cfg: CapacityConfig) -> list[tuple[str, str]]:
     """(subject, value) of every fact, task j owning facts j·d .. j·d + d - 1. One seeded sequence of distinct
     words, alternately a subject (capitalised) and a value, so all are distinct and the first k facts do not
     depend on how many follow."""
-    ws = words(2 * cfg.n_tasks * cfg.facts_per_task, random.Random(f"capacity/{cfg.seed}/words"))
+    ws = words(2 * (cfg.warmup_tasks + cfg.n_tasks) * cfg.facts_per_task, random.Random(f"capacity/{cfg.seed}/words"))
     return [(cap(ws[i]), ws[i + 1]) for i in range(0, len(ws), 2)]
 
 
@@ -73,13 +78,16 @@ def unseen_prompt(subject: str, frame: int, name: str) -> str:
 def build(cfg: CapacityConfig) -> list[Task]:
     if cfg.n_tasks < 1 or cfg.facts_per_task < 1 or cfg.mentions < 1 or cfg.sentences_per_text < 1:
         raise ValueError("capacity: n_tasks, facts_per_task, mentions and sentences_per_text must be >= 1")
+    if cfg.warmup_tasks < 0:
+        raise ValueError(f"capacity: warmup_tasks={cfg.warmup_tasks} must be >= 0")
     if not 2 <= cfg.candidates <= cfg.facts_per_task:
         raise ValueError(f"capacity: candidates={cfg.candidates} must be in 2..facts_per_task="
                          f"{cfg.facts_per_task} (distractors are other facts of the same task)")
     all_facts = facts(cfg)
     d = cfg.facts_per_task
     tasks = []
-    for j in range(cfg.n_tasks):
+    w = cfg.warmup_tasks
+    for j in range(w + cfg.n_tasks):
         rng = random.Random(f"capacity/{cfg.seed}/{d}/task{j}")  # per task: prefix-consistent
         own = all_facts[j * d:(j + 1) * d]
         sents = [rng.choice(TEMPLATES).format(S=s, v=v, n=rng.choice(NAMES)) for s, v in own
@@ -95,5 +103,6 @@ def build(cfg: CapacityConfig) -> list[Task]:
                 probes.append(Probe(unseen_prompt(s, f, rng.choice(NAMES)), f" {v}", cands, "retain", j,
                                     {"subject": s, "fact": str(j * d + i), "paraphrase": "unseen", "frame": str(f)},
                                     f"capacity/{j}/{i}/{f}"))
-        tasks.append(Task(name=f"task{j}", texts=texts, probes=probes, meta={"facts": [list(x) for x in own]}))
+        name = f"warmup{j}" if j < w else f"task{j - w}"
+        tasks.append(Task(name=name, texts=texts, probes=probes, meta={"facts": [list(x) for x in own]}))
     return tasks
