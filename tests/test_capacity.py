@@ -148,3 +148,49 @@ def test_presets_are_parameter_matched_over_the_grid(path):
     assert rhos == [0.05, 0.1, 0.25, 0.5, 1.0]
     assert any(a.system == "two" for a in cfg.models.values())
     assert task_steps(cfg, cfg.depths[-1]) >= task_steps(cfg, cfg.depths[0])
+
+
+def test_capacity_cli_end_to_end_is_resumable(tmp_path, monkeypatch):
+    """A micro study: cells, matrices, activations, cost and report are written; a second launch retrains nothing
+    and duplicates no row."""
+    import json
+
+    from topocl.capacity import cli
+
+    root = Path(__file__).parents[1] / "configs"
+    cfg = tmp_path / "micro.yaml"
+    cfg.write_text(f"""
+pretrain: {root / 'pretrain' / 'tiny-dense.yaml'}
+pretrain_overrides: [model.n_layer=1, model.d_model=32, model.n_head=2, model.n_kv_head=2, model.max_seq_len=48,
+                     data.seq_len=48, data.synthetic_docs=150, data.vocab_size=300, train.steps=2,
+                     train.batch_size=4, train.warmup_steps=1, train.eval_every=2, train.eval_batches=1,
+                     train.ckpt_every=2, samples=0, probe=false]
+continual: {root / 'continual' / 'tiny-base.yaml'}
+continual_overrides: [eval_base=false, train.batch_size=4]
+models:
+  dual: {{overrides: [model.ffn=dual, model.kwta.rho=0.25], system: two}}
+seeds: [0]
+n_tasks: [1, 2]
+depths: [4]
+stream_options: {{mentions: 2, candidates: 2, warmup_tasks: 1}}
+steps_per_fact: 0.25
+min_steps: 1
+device: cpu
+""")
+    study = tmp_path / "study"
+    monkeypatch.chdir(tmp_path)
+    args = [str(cfg), f"out_dir={tmp_path / 'runs'}", f"study_dir={study}"]
+    assert cli(args) == 0
+    cells = [json.loads(x) for x in (study / "cells.jsonl").read_text().splitlines()]
+    assert sorted((c["model"], c["n"], c["d"], c["load"]) for c in cells) == [("dual", 1, 4, 4), ("dual", 2, 4, 8)]
+    assert all(c["retained"] == pytest.approx((c["final"] - 0.5) / 0.5) for c in cells)
+    acts = [json.loads(x) for x in (study / "activations.jsonl").read_text().splitlines()]
+    assert {(a["model"], a["stage"]) for a in acts} == {("dual", "pre"), ("dual", "post")}
+    assert all(0 < a["active_frac"] <= 1 for a in acts)
+    stages = json.loads((study / "cost.json").read_text())["stages"]
+    assert len(stages) == 2 and all(s["wall_s"] > 0 for s in stages)
+    report = (study / "report" / "report.md").read_text()
+    assert "| dual | two |" in report and (study / "report" / "heatmaps.png").is_file()
+    before = {p.name: p.read_text() for p in (study / "cells.jsonl", study / "cost.json", study / "matrices.jsonl")}
+    assert cli(args) == 0  # everything done: nothing retrained, rows replaced not appended
+    assert {p: (study / p).read_text() for p in before} == before

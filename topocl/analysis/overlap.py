@@ -44,8 +44,9 @@ def answer_site_hidden(model: nn.Module, tok, prompts: list[str], device, batch_
     base = getattr(model, "module", model)
     layers: list[list[Tensor]] = [[] for _ in base.blocks]
     prefix = [tok.bos_id] if tok.bos_id is not None else []
+    max_len = base.cfg.max_seq_len
     for start in range(0, len(prompts), batch_size):
-        seqs = [prefix + tok.encode(p) for p in prompts[start:start + batch_size]]
+        seqs = [(prefix + tok.encode(p))[-max_len:] for p in prompts[start:start + batch_size]]  # keep the end
         last = torch.tensor([len(s) - 1 for s in seqs])
         idx = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)  # [B, W] right-padded (causal)
         for r, s in enumerate(seqs):
