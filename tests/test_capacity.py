@@ -10,7 +10,7 @@ import torch
 from topocl.analysis.overlap import jaccard_matrix, overlap_stats, weighted_jaccard
 from topocl.capacity import cells_from_matrix, load_study, task_steps
 from topocl.capacity_report import capacity, capacity_monotone, diff_ci, fit_laws, fit_rho
-from topocl.config import PretrainConfig, load_config
+from topocl.config import ConfigError, PretrainConfig, load_config
 from topocl.params import count
 from topocl.tasks.capacity import FRAMES, TEMPLATES
 from topocl.tasks.streams import build_stream
@@ -194,3 +194,5 @@ device: cpu
     before = {p.name: p.read_text() for p in (study / "cells.jsonl", study / "cost.json", study / "matrices.jsonl")}
     assert cli(args) == 0  # everything done: nothing retrained, rows replaced not appended
     assert {p: (study / p).read_text() for p in before} == before
+    with pytest.raises(ConfigError, match="steps_per_fact"):  # another design in the same study directory
+        cli([*args, "steps_per_fact=9"])

@@ -26,6 +26,7 @@ study rows are keyed by (model, seed, d) and replaced, never duplicated.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -34,9 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from topocl.checkpoint import latest_checkpoint, load_checkpoint, write_json_atomic
-from topocl.config import ConfigError, PretrainConfig, load_config, save_config
+from topocl.config import ConfigError, PretrainConfig, load_config, save_config, to_dict
 from topocl.results import load_rows, matrices
 
 
@@ -166,7 +168,7 @@ def continual_stream(cfg: CapacityStudyConfig, name: str, seed: int, d: int, ini
                      ) -> tuple[Path, float]:
     from topocl.continual import ContinualConfig, run_continual
 
-    run = out / "continual" / f"{name}-s{seed}-d{d}"
+    run = out / "continual" / f"{name}-s{seed}-d{d}-n{cfg.n_tasks[-1]}"  # a longer grid is a new stream
     if (run / "DONE.json").is_file():
         return run, 0.0
     ccfg = load_config(ContinualConfig, cfg.continual, [*cfg.continual_overrides, f"init={init}", f"out_dir={run}",
@@ -215,10 +217,39 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
+GRID_KEYS = ("seeds", "models", "n_tasks", "depths", "estimate", "device", "name")  # may grow between launches
+
+
+def check_study_config(cfg: CapacityStudyConfig, study: Path) -> None:
+    """A study directory holds one design: a relaunch may add seeds, models, n and d (and a model already in it
+    must keep its overrides), but any other setting that shapes a cell must be the one its rows were made with."""
+    path = study / "config.yaml"
+    if not path.is_file():
+        return
+    old, new = yaml.safe_load(path.read_text()), to_dict(cfg)
+    diff = sorted(k for k in new if k not in GRID_KEYS and old.get(k) != new[k])
+    diff += sorted(f"models.{m}" for m in set(old.get("models", {})) & set(new["models"])
+                   if old["models"][m] != new["models"][m])
+    if diff:
+        raise ConfigError(f"{path} was made with other settings ({', '.join(diff)}); its rows would mix designs. "
+                          "Use another study_dir= (and out_dir=) or the saved settings")
+
+
 def run_study(cfg: CapacityStudyConfig) -> Path:
     out, study = Path(cfg.out_dir), Path(cfg.study_dir)
+    check_study_config(cfg, study)
     study.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, study / "config.yaml")
+    path = study / "config.yaml"
+    if path.is_file():  # keep the union of the grid (what the rows cover) in the saved config
+        old = yaml.safe_load(path.read_text())
+        cfg_saved = dataclasses.replace(cfg, seeds=sorted(set(old["seeds"]) | set(cfg.seeds)),
+                                        n_tasks=sorted(set(old["n_tasks"]) | set(cfg.n_tasks)),
+                                        depths=sorted(set(old["depths"]) | set(cfg.depths)),
+                                        models={**{k: ModelArm(**v) for k, v in old["models"].items()},
+                                                **cfg.models})
+        save_config(cfg_saved, path)
+    else:
+        save_config(cfg, path)
     c = chance(cfg)
     for name, arm in cfg.models.items():
         for seed in cfg.seeds:
