@@ -67,5 +67,5 @@ def test_arena_models_yaml_is_strict(tmp_path):
 
 
 def test_every_config_folder_is_covered():
-    folders = {"pretrain", "continual", "surgery", "sweeps", "arena"}
+    folders = {"pretrain", "continual", "surgery", "sweeps", "arena", "capacity"}
     assert {p.name for p in ROOT.iterdir() if p.is_dir()} <= folders

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("topocl.analysis.cli", "grafting, routing, sparsity, H1-H3 evidence: topocl analyze RUN [...]"),
     "params": ("topocl.params", "parameters per role (and the matched dense control): topocl params CONFIG"),
     "surgery": ("topocl.surgery.cli", "head-split surgery on an HF model: topocl surgery CONFIG | inspect MODEL"),
+    "capacity": ("topocl.capacity", "capacity-ceiling study over (model x n tasks x d facts): topocl capacity CONFIG"),
     "arena": ("topocl.arena.cli", "human-vote arena for long role-play: topocl arena serve | ratings | loadtest"),
 }
 

@@ -89,6 +89,16 @@ class MoEConfig:
 
 
 @dataclass
+class KWTAConfig:
+    """k-winners-take-all FFN (`kwta`) and the two-system FFN (`dual`), topocl/kwta.py."""
+
+    rho: float = 1.0  # active fraction of the hidden units (dual: of the fast pathway); 1.0 = dense
+    grad: str = "masked"  # masked (no gradient through losing units) | straight_through (the dense gradient)
+    slow_rho: float = 1.0  # dual: active fraction of the slow pathway
+    fast_frac: float = 0.5  # dual: share of the d_ff hidden units that form the fast pathway
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 0  # 0 = take it from the tokenizer
     n_layer: int = 4
@@ -102,11 +112,12 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     attention: str = "dense"  # registry name: dense | nsa | dsa | split
-    ffn: str = "mlp"  # registry name: mlp | moe
+    ffn: str = "mlp"  # registry name: mlp | moe | kwta | dual
     nsa: NSAConfig = field(default_factory=NSAConfig)
     dsa: DSAConfig = field(default_factory=DSAConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    kwta: KWTAConfig = field(default_factory=KWTAConfig)
 
     @property
     def hd(self) -> int:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import topocl.attention  # noqa: F401  (registers the attention kinds)
+import topocl.kwta  # noqa: F401  (registers the kwta and dual FFNs)
 import topocl.moe  # noqa: F401  (registers the moe FFN)
 from topocl.attention.ops import rope_cache
 from topocl.config import ModelConfig
@@ -34,9 +35,9 @@ SHARED_ROLES = ("embed", "norm.attn", "norm.ffn", "mlp", "norm.final", "head")
 # The proposals' asymmetry: which roles form the slow ("compressed"/shared) pathway and which the fast
 # ("selected"/sparse) one, per attention / FFN kind (DESIGN.md table). Dense kinds have neither.
 SLOW_ROLES = {"nsa": ("attn.cmp",), "dsa": ("attn.shared_heads",), "split": ("attn.dense_heads",),
-              "moe": ("ffn.shared_expert",)}
+              "moe": ("ffn.shared_expert",), "dual": ("ffn.slow_units",)}
 FAST_ROLES = {"nsa": ("attn.slc",), "dsa": ("attn.routed_heads", "attn.indexer"), "split": ("attn.sparse_heads",),
-              "moe": ("ffn.routed_expert", "ffn.router")}
+              "moe": ("ffn.routed_expert", "ffn.router"), "dual": ("ffn.fast_units",)}
 
 
 class RMSNorm(nn.Module):

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from topocl.config import from_dict, to_dict
 from topocl.registry import STREAMS
-from topocl.tasks import campaign, jsonl, worlds  # noqa: F401  (register the streams)
+from topocl.tasks import campaign, capacity, jsonl, worlds  # noqa: F401  (register the streams)
 from topocl.tasks.base import Task, apply_order, order_permutation, probe_groups
 
 
