@@ -187,3 +187,28 @@ def test_learning_due_before_a_kill_runs_after_the_restart(llama, tmp_path):
     assert c2.app.state.pool.wait_idle(60)
     learner = c2.app.state.pool.backends["surgery-learner"]
     assert (load_state(path, learner.names).through, load_state(path, learner.names).step) == (2, 4)
+
+
+def test_a_failed_round_restarts_from_the_saved_state(llama, tmp_path):
+    b = backend(llama, tmp_path, STORY[:2])
+    assert b.sync(SID) == 1
+    saved = trained(b)
+    b.story = lambda sid: (campaign_world(0), 7, STORY)
+    real, calls = b.lm.forward, []
+
+    def flaky(idx, targets=None):  # the second training step of the round fails (after one was applied)
+        calls.append(targets is not None)
+        if sum(calls) == 2:
+            raise RuntimeError("out of memory")
+        return real(idx, targets)
+
+    b.lm.forward = flaky
+    with pytest.raises(RuntimeError, match="out of memory"):
+        b.sync(SID)
+    assert SID not in b.live and b.active is None
+    with b.lock:
+        state = b._activate(SID)
+    assert (state.step, state.through) == (2, 2)  # back to the last finished round, from disk
+    assert all(torch.equal(v, trained(b)[n]) for n, v in saved.items())
+    b.lm.forward = real
+    assert b.sync(SID) == 1

@@ -1,13 +1,17 @@
-"""`topocl arena serve | ratings | loadtest`.
+"""`topocl arena serve | ratings | loadtest | simulate`.
 
-    topocl arena serve   [--db URL] [--models CONFIG] [--run-dir DIR] [--host H] [--port P] [--admin-token T]
+    topocl arena serve   [--db URL] [--models CONFIG | --preset NAME] [--run-dir DIR] [--host H] [--port P]
+                         [--admin-token T] [--catch-rate R]
     topocl arena ratings [--db URL] [--run-dir DIR] [--format json|csv] [--rounds N] [--out FILE]
     topocl arena loadtest URL [--players N] [--turns T] [--one-address]
+    topocl arena simulate [--preset NAME | --models CONFIG] [--sessions S] [--turns T] [--out DIR]
 
-Without --db the database is SQLite at RUN_DIR/arena.db (default run directory runs/arena). Without
---models the arena serves two scripted demo models. `ratings --format json` prints the leaderboard, the
-proxy agreement and every vote; `--format csv` prints the votes table, a blank line and the ratings table
-(with --out FILE: the votes to FILE, the ratings to FILE with suffix .ratings.csv).
+Without --db the database is SQLite at RUN_DIR/arena.db (default run directory runs/arena); learners keep
+per-session weights in RUN_DIR/learner_state. Without --models or --preset the arena serves two scripted
+demo models; --preset smollm2 serves SmolLM2-135M-Instruct as four learning game masters (configs/arena/).
+`ratings --format json` prints the leaderboard, the proxy agreement and every vote; `--format csv` prints
+the votes table, a blank line and the ratings table (with --out FILE: the votes to FILE, the ratings to
+FILE with suffix .ratings.csv).
 """
 
 from __future__ import annotations
@@ -29,13 +33,30 @@ def db_url(args: argparse.Namespace) -> str:
     return f"sqlite:///{run_dir / 'arena.db'}"
 
 
+PRESETS = Path(__file__).resolve().parents[2] / "configs" / "arena"
+
+
+def model_specs(args: argparse.Namespace) -> list:
+    """--models YAML, or --preset NAME (configs/arena/NAME.yaml), or the two scripted demo models."""
+    from topocl.arena.serving import demo_specs, load_specs
+
+    if args.models and args.preset:
+        raise SystemExit("give --models or --preset, not both")
+    if args.preset:
+        path = PRESETS / f"{args.preset}.yaml"
+        if not path.is_file():
+            names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+            raise SystemExit(f"no arena preset {args.preset!r} ({path}); presets: {names}")
+        return load_specs(path)
+    return load_specs(args.models) if args.models else demo_specs()
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from topocl.arena.app import ArenaSettings, create_app
-    from topocl.arena.serving import demo_specs, load_specs
 
-    specs = load_specs(args.models) if args.models else demo_specs()
+    specs = model_specs(args)
     token = args.admin_token or os.environ.get("ARENA_ADMIN_TOKEN", "")
     settings = ArenaSettings(db_url=db_url(args), specs=specs, admin_token=token, secure_cookies=args.secure_cookies,
                              posts_per_minute=args.posts_per_minute, requests_per_minute=args.requests_per_minute,
@@ -110,6 +131,15 @@ def _loadtest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from topocl.arena.simulate import simulate
+
+    simulate(model_specs(args), args.out, sessions=args.sessions, turns=args.turns, every=args.every,
+             max_probes=args.max_probes, seed=args.seed)
+    print(f"simulate: {args.out}/report.md, simulate.json, recall_vs_delay.png")
+    return 0
+
+
 def cli(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="topocl arena", description="human-feedback arena for long role-play")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -118,7 +148,16 @@ def cli(argv: list[str]) -> int:
     for q in (s, r):
         q.add_argument("--db", default="", help="SQLAlchemy URL (default: SQLite in --run-dir)")
         q.add_argument("--run-dir", default="runs/arena", help="where the default SQLite file lives")
-    s.add_argument("--models", default="", help="models YAML (default: two scripted demo models)")
+    sim = sub.add_parser("simulate", help="scripted players drive long sessions: recall vs delay per game master")
+    for q in (s, sim):
+        q.add_argument("--models", default="", help="models YAML (default: two scripted demo models)")
+        q.add_argument("--preset", default="", help="configs/arena/NAME.yaml, e.g. smollm2 (learning game masters)")
+    sim.add_argument("--sessions", type=int, default=4)
+    sim.add_argument("--turns", type=int, default=12)
+    sim.add_argument("--every", type=int, default=2, help="a new fact every N turns")
+    sim.add_argument("--max-probes", type=int, default=4, help="facts asked per reply")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--out", default="runs/arena/simulate")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--admin-token", default="", help="enables /admin (or set ARENA_ADMIN_TOKEN)")
@@ -139,4 +178,4 @@ def cli(argv: list[str]) -> int:
     lt.add_argument("--one-address", action="store_true",
                     help="all players from one address (default: one loopback address each, like real players)")
     args = p.parse_args(argv)
-    return {"serve": _serve, "ratings": _ratings, "loadtest": _loadtest}[args.cmd](args)
+    return {"serve": _serve, "ratings": _ratings, "loadtest": _loadtest, "simulate": _simulate}[args.cmd](args)

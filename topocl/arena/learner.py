@@ -274,6 +274,12 @@ class LearnerBackend(Backend):
                 done += 1
                 if self.on_round is not None:
                     self.on_round(session, self.spec.name, info)
+        except Exception:
+            with self.lock:  # forget the half-trained round: the next attempt starts from the saved state
+                self.live.pop(session, None)
+                if self.active == session:
+                    self.active = None
+            raise
         finally:
             self.busy = None
         return done

@@ -233,8 +233,9 @@ class HFBackend(Backend):
     def _load(self) -> None:
         if self.model is None:
             from topocl.surgery.hf import load_hf
+            from topocl.train import resolve_device
 
-            model, self.tok = load_hf(self.spec.path, self.spec.gguf_file, device=self.spec.device)
+            model, self.tok = load_hf(self.spec.path, self.spec.gguf_file, device=resolve_device(self.spec.device))
             self.model = model.eval()
 
     def generate(self, prompt: str, seed: int) -> str:
