@@ -209,3 +209,43 @@ def test_evaluator_serves_a_hugging_face_model():
     with torch.no_grad():
         ref = torch.nn.functional.cross_entropy(model(rows[:, :-1]).logits[0].float(), rows[0, 1:])
     assert out["nll"] == pytest.approx(float(ref), abs=1e-5) and out["bpb"] > 0
+
+
+class WordTok:
+    """One token per space-led word (' hot' is one token), ids in order of first sight; BOS 0."""
+
+    bos_id = 0
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {}
+
+    def encode(self, s: str) -> list[int]:
+        words = [w if i == 0 and not s.startswith(" ") else f" {w}" for i, w in enumerate(s.split(" ")) if w]
+        return [self.ids.setdefault(w, len(self.ids) + 1) for w in words]
+
+
+def test_one_token_candidates_sharing_the_prompt_score_as_full_sequences():
+    """One-token candidates are scored from the prompt's own sequence; every score equals the direct forward of
+    [bos] + prompt + candidate, also next to multi-token candidates and at the context limit."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=40, n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=8))
+    tok = WordTok()
+    probes = [Probe("fire feels", " hot", [" hot", " cold", " very warm"], id="a"),
+              Probe("the sky is", " blue", [" blue", " red", " green"], id="b"),
+              Probe("a b c d e f", " g", [" g", " h"], id="c"),  # prompt of 7 with bos: one-token fits exactly
+              Probe("a b c d e f g", " h", [" h", " i j"], id="d")]  # prompt of 8: full sequences, ends kept
+    scores = score_probes(model, tok, probes, device="cpu")
+    for p, s in zip(probes, scores):
+        direct = []
+        for c in p.candidates:
+            ids = ([0] + tok.encode(p.prompt + c))[-8:]
+            n = len(tok.encode(c))
+            with torch.no_grad():
+                lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+            direct.append((sum(float(lp[t - 1, ids[t]]) for t in range(len(ids) - n, len(ids))),
+                           all(int(lp[t - 1].argmax()) == ids[t] for t in range(len(ids) - n, len(ids))), n))
+        a = p.candidates.index(p.answer)
+        means = [v / n for v, _, n in direct]
+        assert s.answer_logprob == pytest.approx(direct[a][0], abs=1e-4) and s.em == direct[a][1]
+        assert s.margin == pytest.approx(means[a] - max(m for j, m in enumerate(means) if j != a), abs=1e-4)
+        assert s.best == p.candidates[max(range(len(means)), key=means.__getitem__)]

@@ -282,3 +282,16 @@ def test_the_runner_evaluates_the_labels_of_the_order_it_trains(monkeypatch, tmp
     for k, t in enumerate(run.tasks):
         for p in t.probes:
             assert owner[id(p)] == k and p.kind == worlds_expected_kind(run.tasks, k, p)
+
+
+def test_global_overwrites_take_one_own_rule_from_distinct_worlds():
+    """So a world loses at most one rule (4 headline probes) to overwrites: 6 rules keep >= 20 headline probes."""
+    ts = build_stream("worlds", {"n_worlds": 10, "global_overwrites": 4, "rules_per_world": 6, "shared_attributes": 1})
+    shared = {tuple(ts[0].meta["rules"][0][:2])}
+    targets = [t.meta["overwrite"] for t in ts if t.meta["overwrite"]]
+    assert len(targets) == 4 and len({j for *_, j in targets}) == 4
+    assert all((s, r) not in shared for s, r, _, _ in targets)
+    headline = [sum(p.kind == "retain" and not probe_groups(p) for p in t.probes) for t in ts]
+    assert min(headline) == 16  # 5 own rules x 4, one of them overwritten (the shared one is retaught)
+    assert min(sum(p.kind == "retain" and not probe_groups(p) for p in t.probes)
+               for t in build_stream("worlds", {"n_worlds": 10, "global_overwrites": 2, "rules_per_world": 6})) == 20

@@ -152,6 +152,8 @@ def test_stream_show_cli(capsys):
     assert re.search(r"scored all 102 probes \(2 tasks\) with the tiny CPU model in [\d.]+ s", out)
     # the 'when' (nights) and rule probes: 12 x 2 + 2 x 2
     assert "probes whose candidates differ in token count (tiny demo tokenizer): 28 of 102 (27.5%)" in out
+    assert cli(["show", "worlds", "n_worlds=4", "--order", "2"]) == 0
+    assert "reteach=False, order 2\n4 tasks" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="sessions"):
         cli(["show", "campaign", "session=2"])
 

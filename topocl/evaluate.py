@@ -1,8 +1,9 @@
 """Probe evaluation (candidate ranking by mean log-likelihood per token, greedy exact match, answer NLL) and
 held-out perplexity / bits per byte.
 
-Probes: one batched teacher-forced forward per chunk of (probe, candidate) sequences [bos] + prompt + candidate,
-right-padded (the model is causal, so padding after a sequence never changes its logits):
+Probes: one batched teacher-forced forward per chunk of sequences [bos] + prompt + candidate, right-padded (the
+model is causal, so padding after a sequence never changes its logits); a probe's one-token candidates share the
+sequence [bos] + prompt, whose last logits score them all:
     correct      the answer's mean log-likelihood per candidate token is strictly the highest among the
                  candidates (ties are wrong). Per-token means do not favour candidates with fewer tokens, as
                  summed scores do (a 3-token answer pays three log-probabilities, a 1-token one only one).
@@ -16,7 +17,7 @@ Face tokenizer (wrapped by `as_tokenizer`). A candidate's tokens are the tokens 
 the prompt's own tokens (so a tokenizer that merges across the boundary is handled), or the candidate
 encoded alone when the joint encoding does not start with the prompt's. No sampling anywhere.
 
-Shapes: B sequences in a chunk, W = longest sequence in the chunk, V vocabulary.
+Shapes: B sequences in a chunk, W = longest sequence in the chunk, S candidate-token sites in it, V vocabulary.
 """
 
 from __future__ import annotations
@@ -102,72 +103,90 @@ def as_tokenizer(tok):
     return tok if hasattr(tok, "bos_id") else HFTokenizer(tok)
 
 
-def _encode_probes(tok, probes: list[Probe], max_len: int) -> tuple[list[tuple[list[int], int]], list[int]]:
-    """One (ids, number of candidate tokens at the end) per (probe, candidate), and its probe index."""
+def _encode_probes(tok, probes: list[Probe], max_len: int) -> tuple[list[list[int]], list[tuple]]:
+    """Sequences to run, and per (probe, candidate) in order: (probe index, sequence index, position whose logits
+    predict the candidate's first token, candidate tokens). A probe's one-token candidates share one sequence,
+    its prompt (the model is causal: the logits after the prompt do not depend on what follows it); a longer
+    candidate gets the sequence prompt + candidate (its end kept if longer than the context)."""
     prefix = [tok.bos_id] if tok.bos_id is not None else []
-    seqs, owner = [], []
+    seqs: list[list[int]] = []
+    cands: list[tuple] = []
     for i, p in enumerate(probes):
-        prompt = tok.encode(p.prompt)
+        head = prefix + tok.encode(p.prompt)
+        shared = -1
         for c in p.candidates:
             joint = tok.encode(p.prompt + c)
-            cand = joint[len(prompt):] if joint[:len(prompt)] == prompt else tok.encode(c)
+            n = len(head) - len(prefix)
+            cand = joint[n:] if joint[:n] == head[len(prefix):] else tok.encode(c)
             if not cand or len(cand) >= max_len:
                 raise ValueError(f"probe {p.id or p.prompt!r}: candidate {c!r} encodes to {len(cand)} tokens "
                                  f"(need 1 .. {max_len - 1}, the model's context minus one)")
-            seqs.append(((prefix + prompt + cand)[-max_len:], len(cand)))  # keep the end if longer than the context
-            owner.append(i)
-    return seqs, owner
+            if len(cand) == 1 and 1 <= len(head) < max_len:
+                if shared < 0:
+                    shared = len(seqs)
+                    seqs.append(head)
+                cands.append((i, shared, len(head) - 1, cand))
+            else:
+                ids = (head + cand)[-max_len:]
+                seqs.append(ids)
+                cands.append((i, len(seqs) - 1, len(ids) - len(cand) - 1, cand))
+    return seqs, cands
 
 
 @torch.no_grad()
 def score_probes(model: nn.Module, tokenizer, probes: list[Probe], *, batch_size: int = 64,
                  device: torch.device | str | None = None, exact_match: bool = True) -> list[ProbeScore]:
-    """Score every probe: all candidates of many probes go through one padded forward per chunk of
-    `batch_size` sequences (sorted by length, so chunks carry little padding)."""
+    """Score every probe: the sequences of many probes go through one padded forward per chunk of
+    `batch_size` sequences (sorted by length, so chunks carry little padding); log-probabilities are taken
+    only at the candidate-token sites (S of them in a chunk)."""
     tok = as_tokenizer(tokenizer)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
     max_len = getattr(cfg, "max_seq_len", None) or getattr(cfg, "max_position_embeddings", None) or 10**9
-    seqs, owner = _encode_probes(tok, probes, max_len)
+    seqs, cands = _encode_probes(tok, probes, max_len)
+    by_seq: list[list[int]] = [[] for _ in seqs]
+    for k, (_, q, _, _) in enumerate(cands):
+        by_seq[q].append(k)
     was_training = model.training
     model.eval()
-    order = sorted(range(len(seqs)), key=lambda k: len(seqs[k][0]))  # similar lengths together: less padding
-    logp = torch.zeros(len(seqs), dtype=torch.float64)
-    greedy = torch.zeros(len(seqs), dtype=torch.bool)
+    order = sorted(range(len(seqs)), key=lambda q: len(seqs[q]))  # similar lengths together: less padding
+    logp = torch.zeros(len(cands), dtype=torch.float64)
+    greedy = torch.ones(len(cands), dtype=torch.bool)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        width = max(len(seqs[k][0]) for k in chunk)
+        width = max(len(seqs[q]) for q in chunk)
         idx = torch.zeros(len(chunk), width, dtype=torch.long)  # [B, W] right-padded with token 0
-        is_cand = torch.zeros(len(chunk), width - 1, dtype=torch.bool)  # [B, W-1]: target t+1 is a candidate token
-        for r, k in enumerate(chunk):
-            ids, n = seqs[k]
-            idx[r, :len(ids)] = torch.tensor(ids)
-            is_cand[r, len(ids) - n - 1:len(ids) - 1] = True
-        idx, is_cand = idx.to(device), is_cand.to(device)
-        logits = model(idx).logits[:, :-1].float()  # [B, W-1, V]: position t predicts idx[:, t+1]
-        tgt = idx[:, 1:]  # [B, W-1]
-        tok_lp = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # [B, W-1]
-        rows = torch.tensor(chunk)
-        logp[rows] = (tok_lp * is_cand).sum(1).double().cpu()
+        sites: list[tuple[int, int, int, int]] = []  # (row, position, target token, candidate)
+        for r, q in enumerate(chunk):
+            idx[r, :len(seqs[q])] = torch.tensor(seqs[q])
+            for k in by_seq[q]:
+                t0, toks = cands[k][2], cands[k][3]
+                sites += [(r, t0 + j, t, k) for j, t in enumerate(toks)]
+        row, pos, tgt, cand = torch.tensor(sites).T  # [S] each
+        logits = model(idx.to(device)).logits  # [B, W, V]: position t predicts idx[:, t+1]
+        at = logits[row.to(device), pos.to(device)].float()  # [S, V]
+        tgt = tgt.to(device)
+        site_lp = at.gather(-1, tgt[:, None]).squeeze(-1) - torch.logsumexp(at, dim=-1)  # [S]
+        logp.index_add_(0, cand, site_lp.double().cpu())
         if exact_match:
-            hit = (logits.argmax(-1) == tgt) | ~is_cand  # [B, W-1]
-            greedy[rows] = hit.all(1).cpu()
+            greedy[cand[(at.argmax(-1) != tgt).cpu()]] = False
     if was_training:
         model.train()
     per_probe: list[list[int]] = [[] for _ in probes]
-    for k, i in enumerate(owner):
+    for k, (i, _, _, _) in enumerate(cands):
         per_probe[i].append(k)
     scores = []
     for i, p in enumerate(probes):
         ks = per_probe[i]
         total = [float(logp[k]) for k in ks]
-        mean = [v / seqs[k][1] for v, k in zip(total, ks)]  # per candidate token
+        mean = [v / len(cands[k][3]) for v, k in zip(total, ks)]  # per candidate token
         a = p.candidates.index(p.answer)
         margin, margin_sum = _margin(mean, a), _margin(total, a)
         best = max(range(len(mean)), key=lambda j: mean[j])
-        scores.append(ProbeScore(id=p.id, kind=p.kind, correct=margin > 0, em=bool(greedy[ks[a]]), nll=-total[a],
-                                 answer_logprob=total[a], best=p.candidates[best], margin=margin,
-                                 n_answer_tokens=seqs[ks[a]][1], correct_sum=margin_sum > 0, margin_sum=margin_sum))
+        scores.append(ProbeScore(id=p.id, kind=p.kind, correct=margin > 0, em=exact_match and bool(greedy[ks[a]]),
+                                 nll=-total[a], answer_logprob=total[a], best=p.candidates[best], margin=margin,
+                                 n_answer_tokens=len(cands[ks[a]][3]), correct_sum=margin_sum > 0,
+                                 margin_sum=margin_sum))
     return scores
 
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from topocl.checkpoint import complete_checkpoints, read_weights
 from topocl.config import from_dict
-from topocl.continual import ContinualConfig, load_init, task_order
+from topocl.continual import ContinualConfig, load_init
 from topocl.evaluate import score_probes
 from topocl.lora import apply_lora
 from topocl.tasks import Task
@@ -69,8 +69,7 @@ def open_stream(run_dir: str | Path, seed: int, order: int, device: str = "auto"
     model, tok, pcfg = load_init(cfg, dev)  # split_dense=true: the partitioned model the run trained
     if cfg.adapter == "lora":
         model = apply_lora(model, cfg.lora)
-    tasks = build_stream(cfg.stream, cfg.stream_options)
-    tasks = [tasks[i] for i in task_order(len(tasks), order)]
+    tasks = build_stream(cfg.stream, cfg.stream_options, order)  # the runner's training order and its labels
     d = run_dir / f"seed{seed}-order{order}"
     initial = {n: v.clone() for n, v in model.state_dict().items()}
     model.eval()

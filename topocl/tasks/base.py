@@ -18,6 +18,7 @@ the headline. The headline (results metric `acc`, what the report's tables use) 
               learning the task
     retaught  tags retaught == "yes": another task states the same value, so its retention can come from there
 Each group g (and "all", every probe of the kind) gets the result metric `acc@g` (topocl.continual.Evaluator).
+A user's jsonl probe is a headline probe unless its tags put it in a group.
 """
 
 from __future__ import annotations

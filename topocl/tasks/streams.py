@@ -108,14 +108,15 @@ def cli(argv: list[str]) -> int:
     ap.add_argument("options", nargs="*", help="stream options, e.g. n_worlds=10 seed=3")
     ap.add_argument("--time", action="store_true", help="time scoring all probes with the tiny CPU model")
     ap.add_argument("--tokens", action="store_true", help="count probes whose candidates differ in token count")
+    ap.add_argument("--order", type=int, default=0, help="task order as the runner's `orders` (labels follow it)")
     args = ap.parse_args(argv)
     opts = dict(o.split("=", 1) for o in args.options if "=" in o)
     bad = [o for o in args.options if "=" not in o]
     if bad:
         raise ValueError(f"options must be key=value, got {bad}")
     cfg = stream_config(args.name, opts)
-    print(f"stream {args.name}: {', '.join(f'{k}={v!r}' for k, v in to_dict(cfg).items())}")
-    tasks = STREAMS.get(args.name)(cfg)
+    print(f"stream {args.name}: {', '.join(f'{k}={v!r}' for k, v in to_dict(cfg).items())}, order {args.order}")
+    tasks = build_stream(args.name, opts, args.order)
     print(summary(tasks))
     if args.tokens:
         from topocl.tokenizer import Tokenizer

@@ -193,12 +193,15 @@ def build(cfg: WorldsConfig, order: list[int] | None = None) -> list[Task]:
     rules = make_rules(cfg, rng)
     said = Counter((s, r, v) for rs in rules for s, r, v, _ in rs)
     # global overwrites: task k states, for every world, another value of an attribute an earlier world j defined
-    # (not the base value, and a value no world states for it when one is left)
+    # (not the base value, and a value no world states for it when one is left); each targets a world no other
+    # overwrite targets while there is one, and one of its own (not shared) rules, so a world loses at most one rule
     overwrite_at: dict[int, tuple[str, str, str, int]] = {}
     candidates = list(range(1, cfg.n_worlds))
     for k in sorted(rng.sample(candidates, min(cfg.global_overwrites, len(candidates)))):
-        j = rng.randrange(k)
-        s, r, v, b = rng.choice([x for x in rules[j] if x[3] is not None] or rules[j])
+        targeted = {x[3] for x in overwrite_at.values()}
+        j = rng.choice([i for i in range(k) if i not in targeted] or list(range(k)))
+        own = rules[j][cfg.shared_attributes:] or rules[j]
+        s, r, v, b = rng.choice([x for x in own if x[3] is not None] or own)
         avoid = [v, b or "", *sorted(x for (s2, r2, x) in said if (s2, r2) == (s, r))]
         overwrite_at[k] = (s, r, _other(RELATIONS[r].values, avoid, rng), j)
         said[overwrite_at[k][:3]] += 1
