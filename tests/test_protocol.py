@@ -14,6 +14,7 @@ from topocl.continual import ContinualConfig, LeakageError, StreamRun, check_dis
 from topocl.model import GPT, SHARED_ROLES
 from topocl.optim import policy_for
 from topocl.params import count
+from topocl.results import load_cost
 from topocl.strategies.base import StrategyContext
 from topocl.strategies.replay import Replay, ReplayConfig
 
@@ -296,4 +297,5 @@ def test_run_summary_states_epochs_per_row(inits, tmp_path, capsys):
     run = StreamRun(arm_config("tiny-dense-vanilla", inits["dense"], tmp_path / "x"), 0, 0, tmp_path / "x")
     expected = sum(3 * 4 / len(r) for r in run.rows) / len(run.rows)
     assert cost["epochs_per_row"] == pytest.approx(expected)
+    assert load_cost(out / "cost.json")["entries"][0]["epochs_per_row"] == pytest.approx(expected)  # reports read it
     assert f"epochs per row: {expected:.1f}" in capsys.readouterr().out

@@ -38,6 +38,7 @@ KINDS = ("retain", "update", "base")
 SCORES = ("acc", "em")  # higher-is-better task scores that the matrix metrics are computed on
 COST_FIELDS = {"trainable_params": int, "optimizer_state_bytes": int, "peak_memory_bytes": int,
                "step_time_s": float, "tokens": int, "wall_s": float, "device": str}
+COST_OPTIONAL = {"epochs_per_row": float}  # continual runs since issue 13 (passes over each task's rows)
 
 
 class ResultsError(ValueError):
@@ -102,7 +103,7 @@ def _cost_entry(obj: object, where: str, extra: dict[str, type]) -> dict:
     if not isinstance(obj, dict):
         raise ResultsError(f"{where}: a cost entry must be a JSON object")
     need = {**COST_FIELDS, **extra}
-    missing, unknown = set(need) - set(obj), set(obj) - set(need) - {"trainable_by_role"}
+    missing, unknown = set(need) - set(obj), set(obj) - set(need) - {"trainable_by_role", *COST_OPTIONAL}
     if missing or unknown:
         raise ResultsError(f"{where}: cost entry missing {sorted(missing)}, unexpected {sorted(unknown)}")
     for k, tp in need.items():
@@ -128,7 +129,7 @@ def load_cost(path: str | Path) -> dict:
                    for i, e in enumerate(obj["runs"])]
         for k, v in obj.items():  # the runner also writes the numeric means at top level: allowed, recomputed
             tp = str if k == "device" else float
-            if k != "runs" and (k not in {*COST_FIELDS, "seed", "order"} or not _typed(v, tp)):
+            if k != "runs" and (k not in {*COST_FIELDS, *COST_OPTIONAL, "seed", "order"} or not _typed(v, tp)):
                 raise ResultsError(f"{path}: unexpected top-level field '{k}' = {v!r}")
     else:
         entries = [_cost_entry(obj, str(path), {})]
