@@ -479,11 +479,12 @@ def write_meta(cfg: ContinualConfig, out: Path) -> None:
 def init_replicate(cfg: ContinualConfig) -> int | None:
     """The unit of replication of this run's streams: the pretraining seed of the init run (its config.yaml
     `seed`); None for a surgery arm (one fixed HF model). docs/protocol.md."""
-    if not cfg.init:
+    path = Path(cfg.init) / "config.yaml"
+    if not cfg.init or not path.is_file():  # a missing init fails with its own message when it is loaded
         return None
     import yaml
 
-    seed = (yaml.safe_load((Path(cfg.init) / "config.yaml").read_text()) or {}).get("seed")
+    seed = (yaml.safe_load(path.read_text()) or {}).get("seed")
     return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
 

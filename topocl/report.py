@@ -136,12 +136,13 @@ def _evidence(dirs: list[dict], rows: list[dict], out: Path, baseline: str | Non
 
 
 def _frontier(rows: list[dict], summary: dict, replicates: dict, configs: dict[str, dict], out: Path,
-              baseline: str | None, joint: str | None) -> list[str]:
-    """The stability–plasticity frontier section (topocl/analysis/frontier.py) and frontier.png."""
+              baseline: str | None, references: list[str]) -> list[str]:
+    """The stability–plasticity frontier section (topocl/analysis/frontier.py) and frontier.png; reference runs
+    (joint, single) are no arm."""
     from topocl import plots
     from topocl.analysis.frontier import arm_of, frontiers, knob, matched_delta
 
-    fr = frontiers(rows, replicates, exclude=[joint] if joint else [])
+    fr = frontiers(rows, replicates, exclude=references)
     if not fr or not (baseline or any(len(p) > 1 for p in fr.values())):
         return []
     labels = {run: knob(c) for run, c in configs.items()}
@@ -208,7 +209,8 @@ def write_report(run_dirs: list[Path], out: Path, baseline: str | None = None, j
           "ONE pretrained model (the mean alone for one unit). Protocol: docs/protocol.md; definitions: "
           "`topocl/metrics.py`; every number is also in summary.json.", ""]
     md += _tables(summary, setups, joint, baseline)
-    md += _frontier(rows, summary, replicates, {n: d["config"] for n, d in by_run.items()}, out, baseline, joint)
+    md += _frontier(rows, summary, replicates, {n: d["config"] for n, d in by_run.items()}, out, baseline,
+                    sorted({*refs, *([joint] if joint else [])}))
     md += _evidence(dirs, rows, out, baseline, joint)
     costs = pooled_costs(dirs)
     if costs:

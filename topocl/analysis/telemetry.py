@@ -8,7 +8,8 @@ and `all`, rows go to seed{S}-order{O}/telemetry.jsonl:
 
     grad_cos          cos(ḡ_j, ḡ_i) for every earlier task i (ref_task = i): ḡ = the task's mean training
                       gradient, kept per role as an exact vector (sketch_dim 0) or a count sketch of sketch_dim
-                      entries (unbiased inner products, std ≈ 1/√dim); pathways sum the roles' dot products
+                      entries (unbiased inner products, std ≈ 1/√dim); pathways sum the roles' dot products.
+                      H1's statistic (evidence.h1_values) is |cos| of pathway.slow minus pathway.fast
     grad_energy       mean over steps and parameters of g² (the mean empirical-Fisher diagonal)
     drift_stream      ||θ − θ_stream_start|| / ||θ_stream_start||
     drift_task        ||θ − θ_task_start|| / ||θ_task_start||
