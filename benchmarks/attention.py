@@ -82,6 +82,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     before = require_idle(args.max_load, args.allow_busy)
+    commit = git_commit()  # of the code measured (HEAD may move while this runs)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows = []
     for t in args.seq:
@@ -93,7 +94,7 @@ def main() -> None:
                  for k, r in res.items()]
     after = machine_load()
     busy = "" if before["idle"] else "  BUSY MACHINE (--allow-busy): ratios only"
-    print(f"commit {git_commit()}, device {args.device}, batch {args.batch}, torch threads "
+    print(f"commit {commit}, device {args.device}, batch {args.batch}, torch threads "
           f"{torch.get_num_threads()}, {args.rounds} interleaved rounds; 1-min load {before['load1']:.2f} before, "
           f"{after['load1']:.2f} after, {before['cpus']:.0f} CPUs{busy}")
     print(f"{'T':>6} {'kind':>11} {'ms':>9} {'x dense':>8} {'(min-max)':>13} {'saved MiB':>10} {'x dense':>8}")
@@ -102,7 +103,7 @@ def main() -> None:
               f"{'(' + format(r['ratio_min'], '.2f') + '-' + format(r['ratio_max'], '.2f') + ')':>13} "
               f"{r['saved'] / 2**20:>10.1f} {r['saved_ratio']:>8.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"commit": git_commit(), "device": args.device, "batch": args.batch,
+        Path(args.json).write_text(json.dumps({"commit": commit, "device": args.device, "batch": args.batch,
                                                "threads": torch.get_num_threads(), "rounds": args.rounds,
                                                "load_before": before, "load_after": after, "rows": rows}, indent=1))
 

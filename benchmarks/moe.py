@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--allow-busy", "--force", action="store_true")
     args = ap.parse_args()
     before = require_idle(args.max_load, args.allow_busy)
+    commit = git_commit()  # of the code measured (HEAD may move while this runs)
     rows = []
     for d in args.d_model:
         fns, params = {}, {}
@@ -68,14 +69,14 @@ def main() -> None:
                  for k, r in interleaved(fns, "mlp", args.rounds).items()]
     after = machine_load()
     busy = "" if before["idle"] else "  BUSY MACHINE (--allow-busy): ratios only"
-    print(f"commit {git_commit()}, {args.tokens} tokens, torch threads {torch.get_num_threads()}, {args.rounds} "
+    print(f"commit {commit}, {args.tokens} tokens, torch threads {torch.get_num_threads()}, {args.rounds} "
           f"interleaved rounds; 1-min load {before['load1']:.2f} before, {after['load1']:.2f} after{busy}")
     print(f"{'d':>5} {'variant':>11} {'params':>9} {'ms':>8} {'x mlp':>7} {'(min-max)':>13}")
     for r in rows:
         print(f"{r['d_model']:>5} {r['variant']:>11} {r['params']:>9,} {r['ms']:>8.1f} {r['ratio']:>7.2f} "
               f"{'(' + format(r['ratio_min'], '.2f') + '-' + format(r['ratio_max'], '.2f') + ')':>13}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"commit": git_commit(), "tokens": args.tokens, "rounds": args.rounds,
+        Path(args.json).write_text(json.dumps({"commit": commit, "tokens": args.tokens, "rounds": args.rounds,
                                                "load_before": before, "load_after": after, "rows": rows}, indent=1))
 
 
