@@ -1,59 +1,61 @@
-"""Attention forward+backward time and memory per kind, as ratios to dense SDPA, in one run.
+"""Attention forward+backward time per kind, as median per-round ratios to dense SDPA, all kinds in one process.
 
-    python benchmarks/attention.py [--seq 256 1024 4096] [--kinds split nsa nsa:gather dsa dsa:gather] [--batch 1]
-                                   [--repeats 3] [--device cpu]
+    python benchmarks/attention.py [--seq 256 1024] [--kinds split nsa dsa split:mask nsa:mask dsa:mask]
+                                   [--batch 2] [--rounds 5] [--device cpu] [--json out.json] [--allow-busy]
 
-One layer at d_model 256, 8 query heads, 2 KV heads (head dim 32); sparse sizes scale with T as in the
-research note (NSA l=16, d=8, l'=32, n=8, w=128; DSA k=T/8, 4 indexer heads of 64 dims; split: 1 of 2 KV
-groups keeps its top 10%). Every kind runs its reference mask path, except `nsa:gather` / `dsa:gather` (the
-fast paths: selected blocks / top-k tokens gathered per query in checkpointed chunks, NSA's window unfolded;
-nothing O(T²) saved for backward).
+One layer at d_model 256, 8 query heads, 4 KV heads (head dim 32); sparse sizes scale with T as in the
+research note (NSA l=16, d=8, l'=32, n=8, w=128; DSA k=max(32, T/8), 4 indexer heads of 64 dims, no shared
+heads; split: 2 of 4 KV groups keep their top 10%). `kind` runs the kind's default path (`impl: auto`: the
+block path on CPU, i.e. query blocks x the keys they can see through the fused SDPA kernel; gather for long
+sparse sequences); `kind:mask` the reference masked softmax over [B, H, T, S]; `kind:gather` / `kind:block`
+force that path.
 
-Each (kind, T) runs in its own process, so memory figures do not leak between rows; the time is the fastest
-of `--repeats` calls after one warm-up (the least disturbed by other load on a shared machine). Memory columns:
-`saved` = bytes of the distinct storages autograd saves for backward (what the [B, H, T, T] mask path
-costs; checkpointed chunks count only their inputs); `peak` = CUDA allocator peak on GPU, on CPU the rise
-of the process's peak resident set during the timed calls (includes the allocator's slack).
+Every (kind, T) layer is built in this one process; each round times every kind once, in an order rotated per
+round, and the ratio to dense is taken per round, then the median over rounds (so load that comes and goes hits
+the kinds of a round alike). The 1-minute load average is recorded before and after; on a busy machine (load
+above --max-load per CPU) the script refuses to print figures unless --allow-busy. `saved` = bytes of the
+distinct storages autograd keeps for backward (one extra call, outside the timing).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
-import time
+from pathlib import Path
 
 import torch
 
-from topocl.attention.ops import rope_cache
-from topocl.config import DSAConfig, ModelConfig, NSAConfig, SplitConfig
-from topocl.registry import ATTENTION
+sys.path.insert(0, str(Path(__file__).parent))
+from timing import git_commit, interleaved, machine_load, require_idle  # noqa: E402
+
+from topocl.attention.ops import rope_cache  # noqa: E402
+from topocl.config import DSAConfig, ModelConfig, NSAConfig, SplitConfig  # noqa: E402
+from topocl.registry import ATTENTION  # noqa: E402
 
 
 def config(kind: str, t: int) -> ModelConfig:
     kind, _, impl = kind.partition(":")
-    return ModelConfig(vocab_size=8, d_model=256, n_head=8, n_kv_head=2, max_seq_len=t, attention=kind,
-                       nsa=NSAConfig(cmp_block=16, cmp_stride=8, sel_block=32, n_sel=8, window=128,
-                                     impl=impl or "mask"),
-                       dsa=DSAConfig(topk=max(32, t // 8), index_heads=4, index_dim=64, index_rope_dim=32,
-                                     impl=impl or "mask"),
-                       split=SplitConfig(topk_frac=0.1))
+    impl = impl or "auto"
+    return ModelConfig(vocab_size=8, d_model=256, n_head=8, n_kv_head=4, max_seq_len=t, attention=kind,
+                       nsa=NSAConfig(cmp_block=16, cmp_stride=8, sel_block=32, n_sel=8, window=128, impl=impl),
+                       dsa=DSAConfig(topk=max(32, t // 8), index_heads=4, index_dim=64, index_rope_dim=32, impl=impl),
+                       split=SplitConfig(topk_frac=0.1, impl=impl))
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def measure(kind: str, t: int, batch: int, repeats: int, device: torch.device) -> dict[str, float]:
-    """{ms: fastest fwd+bwd time, saved: bytes saved for backward, peak: peak bytes} of one layer."""
+def step_fn(kind: str, t: int, batch: int, device: torch.device):
+    """fwd+bwd closure of one freshly initialised layer, and the bytes its autograd graph saves."""
     torch.manual_seed(0)
     cfg = config(kind, t)
     layer = ATTENTION.get(cfg.attention)(cfg).to(device)
     cos, sin = (c.to(device) for c in rope_cache(t, cfg.hd))
     x = torch.randn(batch, t, cfg.d_model, device=device, requires_grad=True)
+
+    def step() -> None:
+        y, aux = layer(x, cos, sin)
+        loss = y.square().mean() + sum((v for k, v in aux.items() if k.startswith("loss.")), 0.0)
+        loss.backward()
+
     saved: dict[int, int] = {}
 
     def pack(tensor):  # distinct storages, so views and expanded tensors count once, at their real size
@@ -61,60 +63,49 @@ def measure(kind: str, t: int, batch: int, repeats: int, device: torch.device) -
         saved[st.data_ptr()] = st.nbytes()
         return tensor
 
-    times = []
-    base = rss_bytes()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    for i in range(repeats + 1):
-        saved.clear()
-        t0 = time.perf_counter()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t_: t_):
-            y, aux = layer(x, cos, sin)
-            loss = y.square().mean() + sum((v for k, v in aux.items() if k.startswith("loss.")), 0.0)
-        loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i:  # the first call warms up
-            times.append(time.perf_counter() - t0)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base  # ru_maxrss is in KiB on Linux
-    return {"ms": 1000 * min(times), "saved": sum(saved.values()), "peak": max(peak, 0)}
-
-
-def in_subprocess(kind: str, t: int, args: argparse.Namespace) -> dict[str, float]:
-    cmd = [sys.executable, __file__, "--one", kind, str(t), "--batch", str(args.batch), "--repeats",
-           str(args.repeats), "--device", args.device]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t_: t_):
+        y, aux = layer(x, cos, sin)
+    del y, aux
+    return step, sum(saved.values())
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seq", type=int, nargs="+", default=[256, 1024, 4096])
-    ap.add_argument("--kinds", nargs="+", default=["split", "nsa", "nsa:gather", "dsa", "dsa:gather"])
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seq", type=int, nargs="+", default=[256, 1024])
+    ap.add_argument("--kinds", nargs="+", default=["split", "nsa", "dsa", "split:mask", "nsa:mask", "dsa:mask"])
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--one", nargs=2, metavar=("KIND", "T"), help=argparse.SUPPRESS)  # child process
+    ap.add_argument("--json", help="also write the figures (with load, commit, settings) to this file")
+    ap.add_argument("--max-load", type=float, default=0.25, help="idle = 1-min load <= this per CPU")
+    ap.add_argument("--allow-busy", "--force", action="store_true", help="print figures from a busy machine")
     args = ap.parse_args()
-    if args.one:
-        print(json.dumps(measure(args.one[0], int(args.one[1]), args.batch, args.repeats, torch.device(args.device))))
-        return
-    print(f"device {args.device}, batch {args.batch}, fwd+bwd of one attention layer (fastest of {args.repeats}), "
-          f"torch threads {torch.get_num_threads()}")
-    print(f"{'T':>6} {'kind':>10} {'ms':>9} {'x dense':>8} {'saved MiB':>10} {'x dense':>8} {'peak MiB':>9} "
-          f"{'x dense':>8}")
+    device = torch.device(args.device)
+    before = require_idle(args.max_load, args.allow_busy)
+    commit = git_commit()  # of the code measured (HEAD may move while this runs)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rows = []
     for t in args.seq:
-        base = in_subprocess("dense", t, args)
+        fns, saved = {}, {}
         for kind in ["dense", *args.kinds]:
-            r = base if kind == "dense" else in_subprocess(kind, t, args)
-            print(f"{t:>6} {kind:>10} {r['ms']:>9.1f} {r['ms'] / base['ms']:>8.2f} {r['saved'] / 2**20:>10.1f} "
-                  f"{r['saved'] / base['saved']:>8.2f} {r['peak'] / 2**20:>9.1f} "
-                  f"{r['peak'] / max(base['peak'], 1):>8.2f}", flush=True)
+            fns[kind], saved[kind] = step_fn(kind, t, args.batch, device)
+        res = interleaved(fns, "dense", args.rounds, sync)
+        rows += [{"T": t, "kind": k, **r, "saved": saved[k], "saved_ratio": saved[k] / saved["dense"]}
+                 for k, r in res.items()]
+    after = machine_load()
+    busy = "" if before["idle"] else "  BUSY MACHINE (--allow-busy): ratios only"
+    print(f"commit {commit}, device {args.device}, batch {args.batch}, torch threads "
+          f"{torch.get_num_threads()}, {args.rounds} interleaved rounds; 1-min load {before['load1']:.2f} before, "
+          f"{after['load1']:.2f} after, {before['cpus']:.0f} CPUs{busy}")
+    print(f"{'T':>6} {'kind':>11} {'ms':>9} {'x dense':>8} {'(min-max)':>13} {'saved MiB':>10} {'x dense':>8}")
+    for r in rows:
+        print(f"{r['T']:>6} {r['kind']:>11} {r['ms']:>9.1f} {r['ratio']:>8.2f} "
+              f"{'(' + format(r['ratio_min'], '.2f') + '-' + format(r['ratio_max'], '.2f') + ')':>13} "
+              f"{r['saved'] / 2**20:>10.1f} {r['saved_ratio']:>8.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"commit": commit, "device": args.device, "batch": args.batch,
+                                               "threads": torch.get_num_threads(), "rounds": args.rounds,
+                                               "load_before": before, "load_after": after, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

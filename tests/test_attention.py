@@ -769,3 +769,10 @@ def test_pretrain_logs_the_dsa_stage_and_the_recall_per_stage(tmp_path):
     for phase in ("warmup", "sparse"):
         vals = [r["stat.dsa_recall"] for r in steps if r["dsa_phase"] == phase]
         assert summary["dsa_recall"][phase] == pytest.approx(sum(vals) / len(vals))
+
+
+@pytest.mark.parametrize("preset", ["tiny-dsa", "ts-dsa-20m", "ts-dsa-100m"])
+def test_dsa_presets_run_the_two_stage_recipe(preset):
+    c = load_config(PretrainConfig, str(PRESET_DIR / f"{preset}.yaml"))
+    d = c.model.dsa
+    assert d.phase == "sparse" and 0 < d.warmup_steps <= c.train.steps // 10 and d.warmup_trains == "all"

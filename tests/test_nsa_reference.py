@@ -58,14 +58,14 @@ def no_rope(t: int):
     return torch.ones(t, DH // 2, dtype=torch.float64), torch.zeros(t, DH // 2, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("impl", ["mask", "gather"])
+@pytest.mark.parametrize("impl", ["mask", "block", "gather"])
 def test_sliding_window_branch_matches(impl):
     ours, theirs = pair(window_ours=4, n_sel=3, gates=(0.0, 0.0, 1.0), branch="win", impl=impl)  # 4 of 16 keys
     x = torch.randn(2, T, HEADS * DH, dtype=torch.float64)
     assert (ours(x, *no_rope(T))[0] - theirs(x)).abs().max().item() < 1e-12
 
 
-@pytest.mark.parametrize("impl", ["mask", "gather"])
+@pytest.mark.parametrize("impl", ["mask", "block", "gather"])
 def test_fine_branch_with_every_block_selected_matches(impl):
     ours, theirs = pair(window_ours=4, n_sel=T // SEL, gates=(0.0, 1.0, 0.0), branch="slc", impl=impl)
     x = torch.randn(2, T, HEADS * DH, dtype=torch.float64)

@@ -9,22 +9,28 @@
     win: the w most recent tokens, 0 ≤ t − s < w
     g   = sigmoid(W_g x), one gate per head and branch; init bias (−2, −2, +2) = window-dominated start
 
-Parameters and roles: `q_proj` (attn.q, shared by the three branches), `o_proj` (attn.o), `gate` (attn.gate),
-`cmp.*` + `cmp_phi_{k,v}.*` (attn.cmp: the compressed branch's own K/V projections, φ and intra-block PE),
-`slc.*` (attn.slc) and `win.*` (attn.win): independent K/V per branch (paper §3.3.3), so freezing a branch
-is clean. `reset_extra_parameters` (called after GPT's generic N(0, 0.02) init) sets the gate (weight 0,
-bias per `gate_init`), zeroes the intra-block PE and He-initialises φ so compressed keys keep the scale of
-the raw keys (with N(0, 0.02) the 2-layer φ shrinks them ~14x at l·D = 256 and block scores start near-uniform).
+Parameters and roles: `q_proj` (attn.q) and `o_proj` (attn.o) serve all three branches and keep roles of their
+own (one query and one output map in the paper; splitting them would change the model); everything else belongs
+to one branch: `cmp.*` + `cmp_phi_{k,v}.*` (attn.cmp: the compressed branch's own K/V projections, gate row, φ
+and intra-block PE), `slc.*` (attn.slc) and `win.*` (attn.win): independent K/V per branch (paper §3.3.3) and
+each branch's gate row g^c (the gate Linear(C, 3·H) split by branch, the same map; older checkpoints' `gate.*`
+load into the three), so freezing a branch is clean. `reset_extra_parameters` (called after GPT's generic
+N(0, 0.02) init) sets the gates (weight 0, bias per `gate_init`), zeroes the intra-block PE and He-initialises φ
+so compressed keys keep the scale of the raw keys (with N(0, 0.02) the 2-layer φ shrinks them ~14x at l·D = 256
+and block scores start near-uniform).
 
 Queries see no compressed block before the first block ends: that branch then returns 0 (fla convention).
 The compressed branch uses un-rotated q/k (the simplest RoPE policy, research note §4); selected and
 window branches use RoPE. The block selection is computed without gradient (paper-faithful).
-Paths (`nsa.impl`): `mask` (reference) = masked softmax over [B, H, T, S] per branch; `gather` = the selected
+Paths (`nsa.impl`): `mask` (reference) = masked softmax over [B, H, T, S] per branch; `block` = per block of
+128 queries only the keys it can see (selected: the prefix, window: the last w + 128) through the fused SDPA
+kernel on bool masks, nothing [B, H, T, S] kept for backward; `gather` = the selected
 blocks gathered per query ([B, Hk, Tc, n·l', D] per checkpointed chunk of Tc queries) and the window
 unfolded ([B, Hk, T, D, w]), so no branch builds a [T, T] tensor (the compressed branch is [T, N] in both).
-Both give the same outputs and gradients (tests); flex-attention / Triton kernels would slot in beside
-`gather`. At T=4096 on CPU `gather` is ~4x faster than `mask` with ~4x less memory; at T ≤ 1024, where
-n·l' is a large share of T, the mask path is as fast or faster (benchmarks/attention.py).
+All give the same outputs and gradients (tests); flex-attention / Triton kernels would slot in beside
+`gather`. `auto` = flex on CUDA, on CPU block below T = 4096 and gather from there (at T=4096 `gather` is ~4x
+faster than `mask` with ~4x less memory; at T ≤ 1024, where n·l' is a large share of T, block is fastest:
+benchmarks/attention.py).
 
 Shape legend: B batch, T queries, S keys, N compression blocks, M selection blocks, C d_model,
 H query heads, Hk KV heads, G = H / Hk, D head dim, L = cmp_block.

@@ -9,7 +9,9 @@ freezing group A leaves it no gradient and no optimizer state.
 
 Budget per query t (group B): `topk` keys if topk > 0, else max(1, round(topk_frac · (t + 1))), never more
 than the t + 1 causal keys. Selection uses `topocl.attention.ops.topk_mask` on detached scores (the op
-head-split surgery reuses on Hugging Face models); the reference path is the full masked softmax.
+head-split surgery reuses on Hugging Face models); the reference path (`impl: mask`) is the full masked
+softmax; `block` (the CPU default of `auto`) takes blocks of 128 queries over only the keys they can see, scores
+and selects there and runs the fused SDPA kernel on the kept keys (same outputs and gradients, tests).
 
 At full budget (topk_frac >= 1 with topk 0) group B is dense too, computed by SDPA: the model is then a dense
 model whose heads are partitioned into the two groups. `split_from_dense` builds exactly that from a dense
