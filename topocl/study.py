@@ -89,6 +89,7 @@ class StudyConfig:
     question: str = ""
     design: str = ""  # the choices (sizing, grid) and why, in words: FINDINGS.md repeats it
     scratch: str = ""  # checkpoints and logs; "" = runs/studies/<name>
+    pretrain_from: str = ""  # another study folder whose pretraining runs (same names and settings) this one uses
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # pretraining seeds (= continual seeds)
     orders: list[int] = field(default_factory=lambda: [0])
     sizes: dict[str, list[str]] = field(default_factory=dict)  # size -> pretraining overrides; {} = one size
@@ -175,6 +176,8 @@ def expand(cfg: StudyConfig, path: str | Path, check: bool = True) -> list[dict]
                                                        f"seeds=[{seed}]", f"orders=[{order}]", f"run={label}",
                                                        f"init={scratch / pre}", f"out_dir={scratch / name}"],
                                          "out_dir": str(scratch / name), "cwd": os.getcwd()})
+    if cfg.pretrain_from:
+        share(cfg, base, runs)
     names = [r["name"] for r in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"run names collide: {sorted({n for n in names if names.count(n) > 1})}")
@@ -191,6 +194,28 @@ def expand(cfg: StudyConfig, path: str | Path, check: bool = True) -> list[dict]
                 load_config(PretrainConfig if r["kind"] == "pretrain" else ContinualConfig, r["config"],
                             r["overrides"])
     return runs
+
+
+def share(cfg: StudyConfig, base: Path, runs: list[dict]) -> None:
+    """Point this study's pretraining runs (and the continual runs' init) at the `pretrain_from` study's runs of
+    the same name, which must have the same preset and overrides (seed included; out_dir aside)."""
+    other_file = study_file(base / cfg.pretrain_from)
+    theirs = {r["name"]: r for r in expand(load_study(other_file), other_file, check=False)}
+    moved = {}
+    for r in runs:
+        if r["kind"] != "pretrain":
+            continue
+        t = theirs.get(r["name"])
+        mine_ov, their_ov = ([o for o in x["overrides"] if not o.startswith("out_dir=")] for x in (r, t or r))
+        if t is None or t["config"] != r["config"] or mine_ov != their_ov:
+            raise ConfigError(f"pretrain_from={cfg.pretrain_from}: {r['name']} is not a pretraining run of that "
+                              "study with the same preset and overrides" + ("" if t is None else
+                                                                            f" ({their_ov} vs {mine_ov})"))
+        moved[r["name"]] = t["out_dir"]
+        r.update(out_dir=t["out_dir"], overrides=t["overrides"], home=str(other_file.resolve().parent))
+    for r in runs:
+        if r["needs"] in moved:
+            r["overrides"] = [f"init={moved[r['needs']]}" if o.startswith("init=") else o for o in r["overrides"]]
 
 
 def missing_presets(runs: list[dict]) -> dict[str, list[str]]:
@@ -238,7 +263,8 @@ def parse_budget(text: str) -> float:
 
 
 def committed_dir(path: str | Path, run: dict) -> Path:
-    return study_file(path).resolve().parent / "runs" / run["name"]
+    """studies/<name>/runs/<run> (a shared pretraining run: in the study it comes from)."""
+    return Path(run.get("home") or study_file(path).resolve().parent) / "runs" / run["name"]
 
 
 def records(path: str | Path, runs: list[dict]) -> dict[str, dict]:

@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from topocl.study import Estimator, expand, hours, load_study, records, status_line, study_file
+from topocl.study import Estimator, committed_dir, expand, hours, load_study, records, status_line, study_file
 
 
 def progress_by_label(cfg, runs: list[dict], done: dict[str, dict]) -> dict[str, tuple[list[int], int]]:
@@ -100,8 +100,11 @@ def write_findings(path: str | Path) -> Path:
     if cfg.question.strip():
         md += ["## Question", "", cfg.question.strip(), ""]
     md += _design(cfg, path, runs) + [""] + _progress(cfg, runs, done) + [""]
+    if cfg.pretrain_from:
+        md += [f"The pretraining runs are shared with `{cfg.pretrain_from}` (committed there; their cost is "
+               "counted in both studies).", ""]
     md += _cost(runs, done) + [""]
-    pre = [{**r, "out_dir": str(root / "runs" / r["name"]), "status": "done" if r["name"] in done else "todo"}
+    pre = [{**r, "out_dir": str(committed_dir(path, r)), "status": "done" if r["name"] in done else "todo"}
            for r in runs if r["kind"] == "pretrain"]
     md += pretrain_section(pre) + [""]
     cont = [root / "runs" / r["name"] for r in runs if r["kind"] == "continual" and r["name"] in done]
