@@ -198,9 +198,12 @@ def expand(cfg: StudyConfig, path: str | Path, check: bool = True) -> list[dict]
 
 def share(cfg: StudyConfig, base: Path, runs: list[dict]) -> None:
     """Point this study's pretraining runs (and the continual runs' init) at the `pretrain_from` study's runs of
-    the same name, which must have the same preset and overrides (seed included; out_dir aside)."""
+    the same name, which must have the same preset and overrides (seed included; out_dir aside). The other
+    study is read with this study's pretrain_overrides (so a command-line data.corpus= reaches both)."""
     other_file = study_file(base / cfg.pretrain_from)
-    theirs = {r["name"]: r for r in expand(load_study(other_file), other_file, check=False)}
+    other = load_study(other_file)
+    other.pretrain_overrides = list(cfg.pretrain_overrides)
+    theirs = {r["name"]: r for r in expand(other, other_file, check=False)}
     moved = {}
     for r in runs:
         if r["kind"] != "pretrain":
