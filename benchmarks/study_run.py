@@ -51,25 +51,30 @@ def stage(kind: str, config: str, overrides: list[str], out: Path, threads: int)
 
 
 def reuse(kind: str, config: str, overrides: list[str], out: Path) -> dict:
-    """The stage measured by an earlier (finished) bench or study run in `out`, after checking that it ran the
-    same model, data and training settings (seed and out_dir may differ: they do not change the cost)."""
+    """The pretraining in `out` (a finished bench or study run, or a copy of a checkpoint of one) after checking
+    that it has the same model, data and training settings (seed and out_dir may differ: they do not change the
+    cost); its measured cost when it finished through sweep_exec (DONE.json)."""
     import yaml
 
     from topocl.config import PretrainConfig, from_dict, load_config, to_dict
 
-    done = json.loads((out / "DONE.json").read_text())  # written by sweep_exec with the run's wall and CPU time
-    if "cpu_s" not in done:
-        raise SystemExit(f"{out}/DONE.json has no cpu_s (run before sweep_exec measured CPU time)")
     want = to_dict(load_config(PretrainConfig, config, overrides))
     have = to_dict(from_dict(PretrainConfig, yaml.safe_load((out / "config.yaml").read_text())))
-    have["model"]["vocab_size"] = want["model"]["vocab_size"] or have["model"]["vocab_size"]
+    if want["model"]["vocab_size"] == 0:  # 0 = the tokenizer's: the run wrote the resolved size
+        want["model"]["vocab_size"] = have["model"]["vocab_size"]
     for section in ("model", "data", "train"):
         if have[section] != want[section]:
             diff = sorted(k for k in want[section] if want[section][k] != have[section].get(k))
             raise SystemExit(f"{out} ran other {section} settings than the study's {kind} run: {diff}")
-    return {"config": os.path.relpath(config, ROOT), "overrides": overrides, "wall_s": round(done["wall_s"], 1),
-            "cpu_s": round(done["cpu_s"], 1), "reused": str(out),
-            "summary": json.loads((out / "summary.json").read_text())}
+    row = {"config": os.path.relpath(config, ROOT), "overrides": overrides, "reused": str(out), "wall_s": None,
+           "cpu_s": None}
+    if (out / "DONE.json").is_file():  # a finished run through sweep_exec: its measured wall and CPU time
+        done = json.loads((out / "DONE.json").read_text())
+        row.update(wall_s=round(done["wall_s"], 1), cpu_s=round(done.get("cpu_s", float("nan")), 1),
+                   summary=json.loads((out / "summary.json").read_text()))
+    else:  # e.g. a copy of an unfinished run's checkpoint: the continual cost does not depend on the weights
+        row["note"] = "pretraining not measured here (no DONE.json): only the continual stage is"
+    return row
 
 
 def from_study(path: str, arm: str) -> tuple[dict, dict]:
@@ -169,7 +174,7 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
     out = {"study": args.study or "", "arm": args.arm, "threads": args.threads, "pretrain": p, "continual": c,
-           "total": {"wall_s": round(p["wall_s"] + c["wall_s"], 1), "cpu_s": round(p["cpu_s"] + c["cpu_s"], 1)},
+           "total": {k: None if p[k] is None else round(p[k] + c[k], 1) for k in ("wall_s", "cpu_s")},
            "machine": {"cpus": os.cpu_count(), "loadavg_start": load0, "loadavg_end": os.getloadavg(),
                        "processor": platform.processor() or platform.machine()},
            "commit": git_sha(), "started": t0, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
