@@ -19,10 +19,10 @@ from topocl.study import (
     parse_budget,
     parse_shard,
     records,
-    run_study,
     shard_units,
     status_line,
 )
+from topocl.study_exec import run_study
 from topocl.study_report import write_findings
 
 ROOT = Path(__file__).parents[1]
