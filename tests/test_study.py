@@ -174,7 +174,8 @@ def test_status_and_report_count_what_is_finished(toy, capsys):
     assert main(["study", "report", str(path.parent)]) == 0
     text = (path.parent / "FINDINGS.md").read_text()
     assert "Toy question?" in text and "n = 1 independent replicates" in text and "Not finished (0): none." in text
-    assert "| dense-vanilla | 0 | 1/1 |" in text and "## Cost" in text and "## Comparison" in text
+    assert "| pretraining dense | 0 | 1/1 |" in text and "| dense-vanilla | 0 | 1/1 |" in text
+    assert "## Cost" in text and "## Comparison" in text
     assert "over the finished continual runs (1)" in text and "| dense-vanilla |" in text
     assert (path.parent / "report/report.md").is_file() and "](report/accuracy_matrix.png)" in text
 

@@ -19,10 +19,16 @@ from topocl.study import Estimator, committed_dir, expand, hours, load_study, re
 
 
 def progress_by_label(cfg, runs: list[dict], done: dict[str, dict]) -> dict[str, tuple[list[int], int]]:
-    """Results run name -> (pretraining seeds whose runs are all finished, planned seeds)."""
+    """Results run name (pretraining: "pretraining <topology>") -> (pretraining seeds whose runs are all
+    finished, planned seeds)."""
+
+    def key(r: dict) -> str:
+        size = f"-{r['size']}" if r["size"] else ""
+        return r["label"] if r["kind"] == "continual" else f"pretraining {r['arm']}{size}"
+
     out: dict[str, tuple[list[int], int]] = {}
-    for label in dict.fromkeys(r["label"] for r in runs):
-        mine = [r for r in runs if r["label"] == label]
+    for label in dict.fromkeys(map(key, runs)):
+        mine = [r for r in runs if key(r) == label]
         seeds = sorted({r["seed"] for r in mine})
         full = [s for s in seeds if all(r["name"] in done for r in mine if r["seed"] == s)]
         out[label] = (full, len(seeds))
@@ -60,7 +66,8 @@ def _progress(cfg, runs: list[dict], done: dict[str, dict]) -> list[str]:
     for label, (full, planned) in progress_by_label(cfg, runs, done).items():
         md.append(f"| {label} | {', '.join(map(str, full)) or '–'} | {len(full)}/{planned} |")
     left = [r["name"] for r in runs if r["name"] not in done]
-    md += ["", f"Not finished ({len(left)}): " + (", ".join(f"`{n}`" for n in left) if left else "none") + "."]
+    listed = ", ".join(f"`{n}`" for n in left) if len(left) <= 40 else "see the table (seeds not listed there)"
+    md += ["", f"Not finished ({len(left)}): " + (listed if left else "none") + "."]
     return md
 
 
