@@ -13,15 +13,16 @@ from topocl.cli import main
 from topocl.config import ConfigError
 from topocl.study import (
     Estimator,
+    committed_dir,
     expand,
     load_study,
     parse_budget,
     parse_shard,
     records,
-    run_study,
     shard_units,
     status_line,
 )
+from topocl.study_exec import run_study
 from topocl.study_report import write_findings
 
 ROOT = Path(__file__).parents[1]
@@ -173,7 +174,8 @@ def test_status_and_report_count_what_is_finished(toy, capsys):
     assert main(["study", "report", str(path.parent)]) == 0
     text = (path.parent / "FINDINGS.md").read_text()
     assert "Toy question?" in text and "n = 1 independent replicates" in text and "Not finished (0): none." in text
-    assert "| dense-vanilla | 0 | 1/1 |" in text and "## Cost" in text and "## Comparison" in text
+    assert "| pretraining dense | 0 | 1/1 |" in text and "| dense-vanilla | 0 | 1/1 |" in text
+    assert "## Cost" in text and "## Comparison" in text
     assert "over the finished continual runs (1)" in text and "| dense-vanilla |" in text
     assert (path.parent / "report/report.md").is_file() and "](report/accuracy_matrix.png)" in text
 
@@ -206,3 +208,26 @@ def test_fresh_machine_continues_from_committed_artifacts(toy, monkeypatch):
     why = out["blocked"]["dense-vanilla-s0-o0"]
     assert "re-pretrained pre-dense-s0 differs from the committed run: val_loss" in why
     assert not (path.parent / "runs/dense-vanilla-s0-o0").exists()
+
+
+def test_pretrain_from_shares_the_other_studys_pretraining(tmp_path):
+    first = write_study(tmp_path)
+    second = tmp_path / "studies" / "second" / "study.yaml"
+    second.parent.mkdir()
+    doc = yaml.safe_load(first.read_text())
+    second.write_text(yaml.safe_dump({**doc, "pretrain_from": "../toy", "scratch": str(tmp_path / "scratch2")}))
+    cfg = load_study(second)
+    runs = expand(cfg, second)
+    pre, cont = runs
+    assert pre["out_dir"] == str(tmp_path / "scratch/pre-dense-s0")
+    assert cont["out_dir"] == str(tmp_path / "scratch2/dense-vanilla-s0-o0")
+    assert f"init={tmp_path / 'scratch/pre-dense-s0'}" in cont["overrides"]
+    assert committed_dir(second, pre) == first.parent / "runs/pre-dense-s0"  # committed where it came from
+    assert committed_dir(second, cont) == second.parent / "runs/dense-vanilla-s0-o0"
+    second.write_text(yaml.safe_dump({**doc, "pretrain_from": "../toy", "seeds": [7]}))
+    with pytest.raises(ConfigError, match="pre-dense-s7 is not a pretraining run of that study"):
+        expand(load_study(second), second)
+    second.write_text(yaml.safe_dump({**doc, "pretrain_from": "../toy", "topologies": {"dense": {
+        "config": str(ROOT / "configs/pretrain/tiny-dense.yaml"), "overrides": ["model.d_ff=96"]}}}))
+    with pytest.raises(ConfigError, match="same preset and overrides"):
+        expand(load_study(second), second)

@@ -21,8 +21,10 @@ is run again (same config and seed) into scratch and its summary.json must match
 exactly, val_loss and val_bpb within `repretrain_tolerance`, relative); when it does not, that replicate's
 missing continual runs are blocked (reported, not run), since they would start from a different model.
 
-Execution reuses topocl.sweep_exec (one `python -m topocl <kind>` subprocess per run, resumed when killed).
-Work is grouped in units (one pretraining run + the continual runs on it), in pretraining-seed-major order so a
+Execution (topocl/study_exec.py) reuses topocl.sweep_exec: one `python -m topocl <kind>` subprocess per run,
+resumed when killed; with one worker the run's own progress bar shows, with more it goes to SCRATCH/<run>/sweep.log;
+after each run a one-line study status (runs done / total, CPU time spent, estimated remaining). Work is
+grouped in units (one pretraining run + the continual runs on it), in pretraining-seed-major order so a
 budget-limited session finishes whole replicates first. `--budget` (e.g. 90m, 2h, 1h30m) is wall time: a run
 is started only when its estimated wall time (the mean of this study's finished runs of the same arm or
 topology, else of the same kind, else the file's `estimate`) fits in what is left; after the first run that
@@ -36,22 +38,14 @@ import argparse
 import json
 import os
 import re
-import shutil
-import socket
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from topocl.checkpoint import write_json_atomic
 from topocl.config import ConfigError, PretrainConfig, load_config
-from topocl.sweep_exec import DONE, ExecutorConfig, is_done, run_local
+from topocl.sweep_exec import ExecutorConfig
 
 RECORD = "run.json"  # written last into the committed run directory: the run is finished
-KEEP = {"pretrain": ["config.yaml", "meta.json", "summary.json", "metrics.jsonl", "samples.txt"],
-        "continual": ["config.yaml", "results.jsonl", "cost.json", "meta.json"]}
-REQUIRED = {"pretrain": ["config.yaml", "summary.json"], "continual": ["config.yaml", "results.jsonl", "cost.json"]}
-SMALL = 2 << 20  # optional files (metrics.jsonl, per-stream logs) are committed only up to this size
 
 
 @dataclass
@@ -89,6 +83,7 @@ class StudyConfig:
     question: str = ""
     design: str = ""  # the choices (sizing, grid) and why, in words: FINDINGS.md repeats it
     scratch: str = ""  # checkpoints and logs; "" = runs/studies/<name>
+    pretrain_from: str = ""  # another study folder whose pretraining runs (same names and settings) this one uses
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # pretraining seeds (= continual seeds)
     orders: list[int] = field(default_factory=lambda: [0])
     sizes: dict[str, list[str]] = field(default_factory=dict)  # size -> pretraining overrides; {} = one size
@@ -175,6 +170,8 @@ def expand(cfg: StudyConfig, path: str | Path, check: bool = True) -> list[dict]
                                                        f"seeds=[{seed}]", f"orders=[{order}]", f"run={label}",
                                                        f"init={scratch / pre}", f"out_dir={scratch / name}"],
                                          "out_dir": str(scratch / name), "cwd": os.getcwd()})
+    if cfg.pretrain_from:
+        share(cfg, base, runs)
     names = [r["name"] for r in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"run names collide: {sorted({n for n in names if names.count(n) > 1})}")
@@ -191,6 +188,31 @@ def expand(cfg: StudyConfig, path: str | Path, check: bool = True) -> list[dict]
                 load_config(PretrainConfig if r["kind"] == "pretrain" else ContinualConfig, r["config"],
                             r["overrides"])
     return runs
+
+
+def share(cfg: StudyConfig, base: Path, runs: list[dict]) -> None:
+    """Point this study's pretraining runs (and the continual runs' init) at the `pretrain_from` study's runs of
+    the same name, which must have the same preset and overrides (seed included; out_dir aside). The other
+    study is read with this study's pretrain_overrides (so a command-line data.corpus= reaches both)."""
+    other_file = study_file(base / cfg.pretrain_from)
+    other = load_study(other_file)
+    other.pretrain_overrides = list(cfg.pretrain_overrides)
+    theirs = {r["name"]: r for r in expand(other, other_file, check=False)}
+    moved = {}
+    for r in runs:
+        if r["kind"] != "pretrain":
+            continue
+        t = theirs.get(r["name"])
+        mine_ov, their_ov = ([o for o in x["overrides"] if not o.startswith("out_dir=")] for x in (r, t or r))
+        if t is None or t["config"] != r["config"] or mine_ov != their_ov:
+            raise ConfigError(f"pretrain_from={cfg.pretrain_from}: {r['name']} is not a pretraining run of that "
+                              "study with the same preset and overrides" + ("" if t is None else
+                                                                            f" ({their_ov} vs {mine_ov})"))
+        moved[r["name"]] = t["out_dir"]
+        r.update(out_dir=t["out_dir"], overrides=t["overrides"], home=str(other_file.resolve().parent))
+    for r in runs:
+        if r["needs"] in moved:
+            r["overrides"] = [f"init={moved[r['needs']]}" if o.startswith("init=") else o for o in r["overrides"]]
 
 
 def missing_presets(runs: list[dict]) -> dict[str, list[str]]:
@@ -238,7 +260,8 @@ def parse_budget(text: str) -> float:
 
 
 def committed_dir(path: str | Path, run: dict) -> Path:
-    return study_file(path).resolve().parent / "runs" / run["name"]
+    """studies/<name>/runs/<run> (a shared pretraining run: in the study it comes from)."""
+    return Path(run.get("home") or study_file(path).resolve().parent) / "runs" / run["name"]
 
 
 def records(path: str | Path, runs: list[dict]) -> dict[str, dict]:
@@ -293,161 +316,6 @@ def status_line(cfg: StudyConfig, runs: list[dict], done: dict[str, dict], est: 
             f"{hours(rem_cpu)} CPU (~{hours(rem_wall)} wall on {max(1, cfg.executor.workers)} worker(s))")
 
 
-# ----------------------------------------------------------------------------- committing finished runs
-
-
-def _copy_small(src: Path, dst: Path, names: list[str], required: list[str]) -> None:
-    for name in names:
-        f = src / name
-        if name in required and not f.is_file():
-            raise FileNotFoundError(f"{src} finished without {name}")
-        if f.is_file() and (name in required or f.stat().st_size <= SMALL):
-            (dst / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(f, dst / name)
-
-
-def commit_run(path: str | Path, run: dict, res: dict) -> dict:
-    """Copy a finished scratch run's small artifacts into the study folder; run.json last (atomically)."""
-    src, dst = Path(run["out_dir"]), committed_dir(path, run)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    names = list(KEEP[run["kind"]])
-    if run["kind"] == "continual":  # per-stream training logs, when small
-        names += [str(f.relative_to(src)) for f in sorted(src.glob("seed*-order*/*.jsonl"))]
-    _copy_small(src, tmp, names, REQUIRED[run["kind"]])
-    from topocl.pretrain import git_sha
-
-    rec = {k: run[k] for k in ("name", "label", "kind", "arm", "topology", "size", "seed", "order", "lr")}
-    rec.update(group=list(Estimator.group(run)), config=os.path.relpath(run["config"], study_file(path).parent),
-               overrides=run["overrides"], wall_s=round(res.get("wall_s", 0.0), 2),
-               cpu_s=round(res.get("cpu_s", 0.0), 2), host=socket.gethostname(), git_sha=git_sha(),
-               finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
-    write_json_atomic(dst / RECORD, rec)
-    return rec
-
-
-def checkpoint_ready(run: dict) -> bool:
-    out = Path(run["out_dir"])
-    return is_done(out) and (out / "checkpoints" / "LATEST").is_file()
-
-
-def verify_repretrain(path: str | Path, run: dict, tol: float) -> str:
-    """'' when the scratch re-run's summary.json matches the committed one, else why not."""
-    mine = json.loads((Path(run["out_dir"]) / "summary.json").read_text())
-    ref = json.loads((committed_dir(path, run) / "summary.json").read_text())
-    if mine.get("tokens_seen") != ref.get("tokens_seen"):
-        return f"tokens_seen {mine.get('tokens_seen')} vs committed {ref.get('tokens_seen')}"
-    for k in ("val_loss", "val_bpb"):
-        a, b = mine.get(k), ref.get(k)
-        if (a is None) != (b is None) or (b is not None and abs(a - b) > tol * abs(b)):
-            return f"{k} {a} vs committed {b} (tolerance {tol:.0%} relative)"
-    return ""
-
-
-# ----------------------------------------------------------------------------- running
-
-
-def run_study(cfg: StudyConfig, path: str | Path, runs: list[dict], budget_s: float = 0.0,
-              shard: tuple[int, int] = (0, 1)) -> dict:
-    """Run what is missing of this shard within the budget; returns {status per run name, stopped, ...}."""
-    from tqdm import tqdm
-
-    missing = missing_presets(runs)
-    if missing:
-        raise ConfigError("missing presets (create them or remove their arms): " + "; ".join(
-            f"{p} (needed by {', '.join(a)})" for p, a in missing.items()))
-    units = shard_units(runs, *shard)
-    mine = [r for r in runs if r["unit"] in units]
-    done = records(path, runs)
-    est = Estimator(cfg, done)
-    status = {r["name"]: "done" for r in mine if r["name"] in done}
-    for r in mine:  # finished in scratch but not committed (the last session stopped in between)
-        if r["name"] not in done and is_done(Path(r["out_dir"])):
-            done[r["name"]] = commit_run(path, r, json.loads((Path(r["out_dir"]) / DONE).read_text()))
-            status[r["name"]] = "done"
-    t0, stop = time.monotonic(), {"budget": False}
-    bar = tqdm(total=len(mine), initial=len(status), desc=f"study {cfg.name}", unit="run", dynamic_ncols=True,
-               file=sys.stderr)
-
-    def should_start(run: dict) -> bool:
-        if stop["budget"]:
-            return False
-        if budget_s and time.monotonic() - t0 + est(run) > budget_s:
-            stop["budget"] = True
-            bar.write(f"budget: {run['name']} (est. {est(run) / 60:.1f} min) does not fit in the "
-                      f"{(budget_s - time.monotonic() + t0) / 60:.1f} min left; stopping")
-            return False
-        return True
-
-    def on_finish(run: dict, res: dict) -> None:
-        if res["status"] == "not started":
-            status[run["name"]] = "not started"
-            return
-        if res["status"] != "done":
-            status[run["name"]] = "failed"
-            bar.write(f"FAILED {run['name']} (exit {res.get('returncode')}): see {res.get('log')}")
-            return
-        if run.get("restore"):  # a re-pretraining for the checkpoint: never overwrites the committed record
-            status[run["name"]] = "done"
-            return
-        done[run["name"]] = rec = commit_run(path, run, res)
-        est.add(run, rec)
-        status[run["name"]] = "done"
-        bar.update(1)
-        bar.write(status_line(cfg, runs, done, est))
-
-    by_unit: dict[int, list[dict]] = {}
-    for r in mine:
-        by_unit.setdefault(r["unit"], []).append(r)
-    todo_units = [u for u, rs in by_unit.items() if any(r["name"] not in done for r in rs)]
-    width = max(1, cfg.executor.workers)
-    echo = width == 1
-    blocked: dict[str, str] = {}
-    for g in range(0, len(todo_units), width):
-        group = [by_unit[u] for u in todo_units[g:g + width]]
-        wave = []
-        for rs in group:
-            pre, conts = rs[0], [r for r in rs[1:] if r["name"] not in done]
-            if pre["name"] not in done:
-                wave.append(pre)
-            elif conts and not checkpoint_ready(pre):
-                wave.append({**pre, "restore": True})
-                bar.write(f"{pre['name']}: committed, but its checkpoint is not on this machine: pretraining again "
-                          f"into {pre['out_dir']} (checked against the committed summary.json)")
-        if wave:
-            run_local(wave, cfg.executor, on_finish, should_start, echo)
-        batch = []
-        for rs in group:
-            pre, conts = rs[0], [r for r in rs[1:] if r["name"] not in done]
-            if not conts:
-                continue
-            if pre["name"] not in done or not checkpoint_ready(pre):
-                state = status.get(pre["name"], "not started")
-                if state == "not started":  # the budget stopped before it
-                    continue
-                why = f"{pre['name']} {state}"
-            else:
-                why = verify_repretrain(path, pre, cfg.repretrain_tolerance)
-                why = f"re-pretrained {pre['name']} differs from the committed run: {why}" if why else ""
-            if why:
-                for r in conts:
-                    status[r["name"]] = blocked[r["name"]] = why
-                continue
-            batch += conts
-        if batch:
-            run_local(batch, cfg.executor, on_finish, should_start, echo)
-        if stop["budget"]:
-            break
-    bar.close()
-    for r in mine:
-        status.setdefault(r["name"], "not started")
-    return {"status": status, "blocked": blocked, "budget_stop": stop["budget"], "done": done, "estimator": est,
-            "wall_s": time.monotonic() - t0}
-
-
 def print_expansion(cfg: StudyConfig, path: str | Path, runs: list[dict], shard: tuple[int, int]) -> int:
     done = records(path, runs)
     units = shard_units(runs, *shard)
@@ -486,6 +354,8 @@ def cli(argv: list[str]) -> int:
     runs = expand(cfg, args.study)
     if args.dry_run:
         return print_expansion(cfg, args.study, runs, shard)
+    from topocl.study_exec import run_study
+
     out = run_study(cfg, args.study, runs, budget, shard)
     print(status_line(cfg, runs, out["done"], out["estimator"]))
     counts: dict[str, int] = {}

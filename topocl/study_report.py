@@ -15,14 +15,20 @@ import os
 import time
 from pathlib import Path
 
-from topocl.study import Estimator, expand, hours, load_study, records, status_line, study_file
+from topocl.study import Estimator, committed_dir, expand, hours, load_study, records, status_line, study_file
 
 
 def progress_by_label(cfg, runs: list[dict], done: dict[str, dict]) -> dict[str, tuple[list[int], int]]:
-    """Results run name -> (pretraining seeds whose runs are all finished, planned seeds)."""
+    """Results run name (pretraining: "pretraining <topology>") -> (pretraining seeds whose runs are all
+    finished, planned seeds)."""
+
+    def key(r: dict) -> str:
+        size = f"-{r['size']}" if r["size"] else ""
+        return r["label"] if r["kind"] == "continual" else f"pretraining {r['arm']}{size}"
+
     out: dict[str, tuple[list[int], int]] = {}
-    for label in dict.fromkeys(r["label"] for r in runs):
-        mine = [r for r in runs if r["label"] == label]
+    for label in dict.fromkeys(map(key, runs)):
+        mine = [r for r in runs if key(r) == label]
         seeds = sorted({r["seed"] for r in mine})
         full = [s for s in seeds if all(r["name"] in done for r in mine if r["seed"] == s)]
         out[label] = (full, len(seeds))
@@ -60,7 +66,8 @@ def _progress(cfg, runs: list[dict], done: dict[str, dict]) -> list[str]:
     for label, (full, planned) in progress_by_label(cfg, runs, done).items():
         md.append(f"| {label} | {', '.join(map(str, full)) or '–'} | {len(full)}/{planned} |")
     left = [r["name"] for r in runs if r["name"] not in done]
-    md += ["", f"Not finished ({len(left)}): " + (", ".join(f"`{n}`" for n in left) if left else "none") + "."]
+    listed = ", ".join(f"`{n}`" for n in left) if len(left) <= 40 else "see the table (seeds not listed there)"
+    md += ["", f"Not finished ({len(left)}): " + (listed if left else "none") + "."]
     return md
 
 
@@ -100,8 +107,11 @@ def write_findings(path: str | Path) -> Path:
     if cfg.question.strip():
         md += ["## Question", "", cfg.question.strip(), ""]
     md += _design(cfg, path, runs) + [""] + _progress(cfg, runs, done) + [""]
+    if cfg.pretrain_from:
+        md += [f"The pretraining runs are shared with `{cfg.pretrain_from}` (committed there; their cost is "
+               "counted in both studies).", ""]
     md += _cost(runs, done) + [""]
-    pre = [{**r, "out_dir": str(root / "runs" / r["name"]), "status": "done" if r["name"] in done else "todo"}
+    pre = [{**r, "out_dir": str(committed_dir(path, r)), "status": "done" if r["name"] in done else "todo"}
            for r in runs if r["kind"] == "pretrain"]
     md += pretrain_section(pre) + [""]
     cont = [root / "runs" / r["name"] for r in runs if r["kind"] == "continual" and r["name"] in done]

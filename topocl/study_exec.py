@@ -1,0 +1,195 @@
+"""Running a study (`topocl study STUDY.yaml`, see topocl/study.py): execute what is missing, commit it.
+
+    run_study(cfg, path, runs, budget_s, shard)   the missing runs of this shard, unit by unit (one pretraining
+                                                   run, then the continual runs on it), within the budget
+    commit_run(path, run, res)                     a finished run's small artifacts -> studies/<name>/runs/<run>/
+    verify_repretrain(path, run, tol)              a re-pretrained checkpoint's summary vs the committed one
+
+Execution is topocl.sweep_exec.run_local (one subprocess per run; a killed run resumes), with its should_start
+gate for the budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+from topocl.checkpoint import write_json_atomic
+from topocl.config import ConfigError
+from topocl.study import (
+    RECORD,
+    Estimator,
+    StudyConfig,
+    committed_dir,
+    missing_presets,
+    records,
+    shard_units,
+    status_line,
+    study_file,
+)
+from topocl.sweep_exec import DONE, is_done, run_local
+
+KEEP = {"pretrain": ["config.yaml", "meta.json", "summary.json", "metrics.jsonl", "samples.txt"],
+        "continual": ["config.yaml", "results.jsonl", "cost.json", "meta.json"]}
+REQUIRED = {"pretrain": ["config.yaml", "summary.json"], "continual": ["config.yaml", "results.jsonl", "cost.json"]}
+SMALL = 2 << 20  # optional files (metrics.jsonl, per-stream logs) are committed only up to this size
+
+
+# ----------------------------------------------------------------------------- committing finished runs
+
+
+def _copy_small(src: Path, dst: Path, names: list[str], required: list[str]) -> None:
+    for name in names:
+        f = src / name
+        if name in required and not f.is_file():
+            raise FileNotFoundError(f"{src} finished without {name}")
+        if f.is_file() and (name in required or f.stat().st_size <= SMALL):
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dst / name)
+
+
+def commit_run(path: str | Path, run: dict, res: dict) -> dict:
+    """Copy a finished scratch run's small artifacts into the study folder; run.json last (atomically)."""
+    src, dst = Path(run["out_dir"]), committed_dir(path, run)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    names = list(KEEP[run["kind"]])
+    if run["kind"] == "continual":  # per-stream training logs, when small
+        names += [str(f.relative_to(src)) for f in sorted(src.glob("seed*-order*/*.jsonl"))]
+    _copy_small(src, tmp, names, REQUIRED[run["kind"]])
+    from topocl.pretrain import git_sha
+
+    rec = {k: run[k] for k in ("name", "label", "kind", "arm", "topology", "size", "seed", "order", "lr")}
+    rec.update(group=list(Estimator.group(run)), config=os.path.relpath(run["config"], study_file(path).parent),
+               overrides=run["overrides"], wall_s=round(res.get("wall_s", 0.0), 2),
+               cpu_s=round(res.get("cpu_s", 0.0), 2), host=socket.gethostname(), git_sha=git_sha(),
+               finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    write_json_atomic(dst / RECORD, rec)
+    return rec
+
+
+def checkpoint_ready(run: dict) -> bool:
+    out = Path(run["out_dir"])
+    return is_done(out) and (out / "checkpoints" / "LATEST").is_file()
+
+
+def verify_repretrain(path: str | Path, run: dict, tol: float) -> str:
+    """'' when the scratch re-run's summary.json matches the committed one, else why not."""
+    mine = json.loads((Path(run["out_dir"]) / "summary.json").read_text())
+    ref = json.loads((committed_dir(path, run) / "summary.json").read_text())
+    if mine.get("tokens_seen") != ref.get("tokens_seen"):
+        return f"tokens_seen {mine.get('tokens_seen')} vs committed {ref.get('tokens_seen')}"
+    for k in ("val_loss", "val_bpb"):
+        a, b = mine.get(k), ref.get(k)
+        if (a is None) != (b is None) or (b is not None and abs(a - b) > tol * abs(b)):
+            return f"{k} {a} vs committed {b} (tolerance {tol:.0%} relative)"
+    return ""
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_study(cfg: StudyConfig, path: str | Path, runs: list[dict], budget_s: float = 0.0,
+              shard: tuple[int, int] = (0, 1)) -> dict:
+    """Run what is missing of this shard within the budget; returns {status per run name, stopped, ...}."""
+    from tqdm import tqdm
+
+    missing = missing_presets(runs)
+    if missing:
+        raise ConfigError("missing presets (create them or remove their arms): " + "; ".join(
+            f"{p} (needed by {', '.join(a)})" for p, a in missing.items()))
+    units = shard_units(runs, *shard)
+    mine = [r for r in runs if r["unit"] in units]
+    done = records(path, runs)
+    est = Estimator(cfg, done)
+    status = {r["name"]: "done" for r in mine if r["name"] in done}
+    for r in mine:  # finished in scratch but not committed (the last session stopped in between)
+        if r["name"] not in done and is_done(Path(r["out_dir"])):
+            done[r["name"]] = commit_run(path, r, json.loads((Path(r["out_dir"]) / DONE).read_text()))
+            status[r["name"]] = "done"
+    t0, stop = time.monotonic(), {"budget": False}
+    bar = tqdm(total=len(mine), initial=len(status), desc=f"study {cfg.name}", unit="run", dynamic_ncols=True,
+               file=sys.stderr)
+
+    def should_start(run: dict) -> bool:
+        if stop["budget"]:
+            return False
+        if budget_s and time.monotonic() - t0 + est(run) > budget_s:
+            stop["budget"] = True
+            bar.write(f"budget: {run['name']} (est. {est(run) / 60:.1f} min) does not fit in the "
+                      f"{(budget_s - time.monotonic() + t0) / 60:.1f} min left; stopping")
+            return False
+        return True
+
+    def on_finish(run: dict, res: dict) -> None:
+        if res["status"] == "not started":
+            status[run["name"]] = "not started"
+            return
+        if res["status"] != "done":
+            status[run["name"]] = "failed"
+            bar.write(f"FAILED {run['name']} (exit {res.get('returncode')}): see {res.get('log')}")
+            return
+        if run.get("restore"):  # a re-pretraining for the checkpoint: never overwrites the committed record
+            status[run["name"]] = "done"
+            return
+        done[run["name"]] = rec = commit_run(path, run, res)
+        est.add(run, rec)
+        status[run["name"]] = "done"
+        bar.update(1)
+        bar.write(status_line(cfg, runs, done, est))
+
+    by_unit: dict[int, list[dict]] = {}
+    for r in mine:
+        by_unit.setdefault(r["unit"], []).append(r)
+    todo_units = [u for u, rs in by_unit.items() if any(r["name"] not in done for r in rs)]
+    width = max(1, cfg.executor.workers)
+    echo = width == 1
+    blocked: dict[str, str] = {}
+    for g in range(0, len(todo_units), width):
+        group = [by_unit[u] for u in todo_units[g:g + width]]
+        wave = []
+        for rs in group:
+            pre, conts = rs[0], [r for r in rs[1:] if r["name"] not in done]
+            if pre["name"] not in done:
+                wave.append(pre)
+            elif conts and not checkpoint_ready(pre):
+                wave.append({**pre, "restore": True})
+                bar.write(f"{pre['name']}: committed, but its checkpoint is not on this machine: pretraining again "
+                          f"into {pre['out_dir']} (checked against the committed summary.json)")
+        if wave:
+            run_local(wave, cfg.executor, on_finish, should_start, echo)
+        batch = []
+        for rs in group:
+            pre, conts = rs[0], [r for r in rs[1:] if r["name"] not in done]
+            if not conts:
+                continue
+            if pre["name"] not in done or not checkpoint_ready(pre):
+                state = status.get(pre["name"], "not started")
+                if state == "not started":  # the budget stopped before it
+                    continue
+                why = f"{pre['name']} {state}"
+            else:
+                why = verify_repretrain(path, pre, cfg.repretrain_tolerance)
+                why = f"re-pretrained {pre['name']} differs from the committed run: {why}" if why else ""
+            if why:
+                for r in conts:
+                    status[r["name"]] = blocked[r["name"]] = why
+                continue
+            batch += conts
+        if batch:
+            run_local(batch, cfg.executor, on_finish, should_start, echo)
+        if stop["budget"]:
+            break
+    bar.close()
+    for r in mine:
+        status.setdefault(r["name"], "not started")
+    return {"status": status, "blocked": blocked, "budget_stop": stop["budget"], "done": done, "estimator": est,
+            "wall_s": time.monotonic() - t0}
