@@ -71,17 +71,21 @@ def diff_ci(a: list[float], b: list[float], n_boot: int = 2000, seed: int = 0) -
 
 # ----------------------------------------------------------------------------- laws
 
+def _ex(x):
+    return torch.exp(x.clamp(-60.0, 60.0))  # exp that cannot overflow into inf / NaN during a line search
+
+
 # name -> (formula, k, r(θ, n, d)); θ unconstrained (positive quantities as exp)
 LAWS: dict[str, tuple[str, int, Callable]] = {
     "product": ("r = A / (1 + (n·d / K)^b)", 3,
-                lambda p, n, d: p[0] / (1 + torch.exp(p[2].exp() * ((n * d).log() - p[1])))),
+                lambda p, n, d: p[0] / (1 + _ex(_ex(p[2]) * ((n * d).log() - p[1])))),
     "separable": ("r = A / (1 + exp(a·ln n + b·ln d - c))", 4,
-                  lambda p, n, d: p[0] / (1 + torch.exp(p[1] * n.log() + p[2] * d.log() - p[3]))),
+                  lambda p, n, d: p[0] / (1 + _ex(p[1] * n.log() + p[2] * d.log() - p[3]))),
     "tasks_only": ("r = A / (1 + (n / K)^b)", 3,
-                   lambda p, n, d: p[0] / (1 + torch.exp(p[2].exp() * (n.log() - p[1])))),
+                   lambda p, n, d: p[0] / (1 + _ex(_ex(p[2]) * (n.log() - p[1])))),
     "depth_only": ("r = A / (1 + (d / K)^b)", 3,
-                   lambda p, n, d: p[0] / (1 + torch.exp(p[2].exp() * (d.log() - p[1])))),
-    "exponential": ("r = A · exp(-n·d / K)", 2, lambda p, n, d: p[0] * torch.exp(-(n * d) / p[1].exp())),
+                   lambda p, n, d: p[0] / (1 + _ex(_ex(p[2]) * (d.log() - p[1])))),
+    "exponential": ("r = A · exp(-n·d / K)", 2, lambda p, n, d: p[0] * _ex(-(n * d) / _ex(p[1]))),
     "constant": ("r = A", 1, lambda p, n, d: p[0] + 0 * n),
 }
 
@@ -105,15 +109,16 @@ def fit_law(law: str, points: list[tuple[int, int, float]]) -> dict | None:
     n = torch.tensor([float(p[0]) for p in points], dtype=torch.float64)
     d = torch.tensor([float(p[1]) for p in points], dtype=torch.float64)
     r = torch.tensor([p[2] for p in points], dtype=torch.float64)
-    log_loads = [math.log(x) for x in sorted({float(a * b) for a, b, _ in points})]
+    loads = sorted({float(a * b) for a, b, _ in points})
+    log_loads = [math.log(loads[i]) for i in sorted({0, len(loads) // 2, len(loads) - 1})]  # K starts: min, mid, max
     starts = [[1.0, lk, lb, 0.0][:k] if law != "separable" else [1.0, 1.0, 1.0, lk] for lk in log_loads
-              for lb in (-0.7, 0.0, 1.0)]
+              for lb in (0.0, 1.0)]
     if law == "exponential":
         starts = [[1.0, lk] for lk in log_loads]
     best = None
     for s in starts:
         p = torch.tensor(s[:k], dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.LBFGS([p], max_iter=200, line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS([p], max_iter=100, max_eval=150, tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
         def closure(opt=opt, p=p):
             opt.zero_grad()
