@@ -262,7 +262,7 @@ def run_study(cfg: CapacityStudyConfig) -> Path:
             for d in cfg.depths:
                 run, wall = continual_stream(cfg, name, seed, d, init, out)
                 if wall:
-                    _cost(study, {**ident, "stage": "continual", "d": d, "n": cfg.n_tasks[-1],
+                    _cost(study, {**ident, "stage": "continual", "d": d, "n": cfg.n_tasks[-1], "warmup": warmup(cfg),
                                   "steps_per_task": task_steps(cfg, d), "wall_s": wall})
                 (R,) = matrices(load_rows(run / "results.jsonl")).values()
                 key = {**ident, "d": d}

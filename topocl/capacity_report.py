@@ -314,8 +314,8 @@ def write_report(study: str | Path) -> Path:
         b = m["fits"][0]
         others = ", ".join(f"{f['law']} ΔAIC {f['delta_aic']:.1f}" for f in m["fits"][1:])
         lines.append(f"- {name}: **{b['law']}** `{b['formula']}` with "
-                     f"{', '.join(f'{k}={v:.3g}' for k, v in b['params'].items())}, RMSE {b['rmse']:.3f} on "
-                     f"{len(b['residuals'])} cells; max |residual| "
+                     f"{', '.join(f'{k}={v:.3g}' for k, v in b['params'].items())} ({b['k']} parameters), RMSE "
+                     f"{b['rmse']:.3f} on {len(b['residuals'])} cells; max |residual| "
                      f"{max(abs(r['residual']) for r in b['residuals']):.3f}. Others: {others or 'none fitted'}")
     if s["activations"]:
         lines += ["", "## FFN activation statistics (answer sites of the probes; seed mean)", "",
@@ -331,8 +331,9 @@ def write_report(study: str | Path) -> Path:
         if pre:
             lines.append(f"- pretraining: mean {sum(pre) / len(pre):.0f} s over {len(pre)} runs")
         for c in sorted(cont, key=lambda c: (c["model"], c["seed"], c["d"])):
-            lines.append(f"- stream {c['model']} s{c['seed']} d={c['d']} ({c['n']} tasks × {c['steps_per_task']} "
-                         f"steps): {c['wall_s']:.0f} s")
+            tasks = c["n"] + c.get("warmup", 0)
+            lines.append(f"- stream {c['model']} s{c['seed']} d={c['d']} ({tasks} tasks incl. {c.get('warmup', 0)} "
+                         f"warm-up × {c['steps_per_task']} steps, evaluations included): {c['wall_s']:.0f} s")
     lines += ["", *[f"![{f}]({f})" for f in figs], ""]
     (out / "report.md").write_text("\n".join(lines))
     return out / "report.md"
