@@ -202,7 +202,8 @@ def summarize(study: Path) -> dict:
                  surface={f"{n}x{d}": r for (n, d), r in mean_surface(per_seed).items()},
                  fits=fit_laws(mean_surface(per_seed)))
     singles = {k: m for k, m in models.items() if m["system"] == "single"}
-    out: dict = {"threshold": thr, "models": models, "cells": len(cells)}
+    out: dict = {"threshold": thr, "models": models, "cells": len(cells),
+                 "warmup": int(cfg.get("stream_options", {}).get("warmup_tasks", 0))}
     if singles:
         best = max(singles, key=lambda k: singles[k]["capacity_ci"][0])
         out["best_single"] = best
@@ -331,8 +332,8 @@ def write_report(study: str | Path) -> Path:
         if pre:
             lines.append(f"- pretraining: mean {sum(pre) / len(pre):.0f} s over {len(pre)} runs")
         for c in sorted(cont, key=lambda c: (c["model"], c["seed"], c["d"])):
-            tasks = c["n"] + c.get("warmup", 0)
-            lines.append(f"- stream {c['model']} s{c['seed']} d={c['d']} ({tasks} tasks incl. {c.get('warmup', 0)} "
+            w = c.get("warmup", s["warmup"])
+            lines.append(f"- stream {c['model']} s{c['seed']} d={c['d']} ({c['n'] + w} tasks incl. {w} "
                          f"warm-up × {c['steps_per_task']} steps, evaluations included): {c['wall_s']:.0f} s")
     lines += ["", *[f"![{f}]({f})" for f in figs], ""]
     (out / "report.md").write_text("\n".join(lines))
