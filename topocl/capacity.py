@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,7 +82,9 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Capacity
     for key in ("pretrain", "continual"):
         if not getattr(cfg, key):
             raise ConfigError(f"{path}: {key}: (a {key} config, relative to this file) is required")
-        setattr(cfg, key, str((base / getattr(cfg, key)).resolve()))
+        # relative to the working directory (the repository root): the saved study config then names the same
+        # files in every checkout
+        setattr(cfg, key, os.path.relpath((base / getattr(cfg, key)).resolve()))
     if not cfg.models:
         raise ConfigError(f"{path}: models: needs at least one model")
     for name, arm in cfg.models.items():
@@ -262,7 +265,7 @@ def run_study(cfg: CapacityStudyConfig) -> Path:
             for d in cfg.depths:
                 run, wall = continual_stream(cfg, name, seed, d, init, out)
                 if wall:
-                    _cost(study, {**ident, "stage": "continual", "d": d, "n": cfg.n_tasks[-1],
+                    _cost(study, {**ident, "stage": "continual", "d": d, "n": cfg.n_tasks[-1], "warmup": warmup(cfg),
                                   "steps_per_task": task_steps(cfg, d), "wall_s": wall})
                 (R,) = matrices(load_rows(run / "results.jsonl")).values()
                 key = {**ident, "d": d}

@@ -71,17 +71,21 @@ def diff_ci(a: list[float], b: list[float], n_boot: int = 2000, seed: int = 0) -
 
 # ----------------------------------------------------------------------------- laws
 
+def _ex(x):
+    return torch.exp(x.clamp(-60.0, 60.0))  # exp that cannot overflow into inf / NaN during a line search
+
+
 # name -> (formula, k, r(θ, n, d)); θ unconstrained (positive quantities as exp)
 LAWS: dict[str, tuple[str, int, Callable]] = {
     "product": ("r = A / (1 + (n·d / K)^b)", 3,
-                lambda p, n, d: p[0] / (1 + torch.exp(p[2].exp() * ((n * d).log() - p[1])))),
+                lambda p, n, d: p[0] / (1 + _ex(_ex(p[2]) * ((n * d).log() - p[1])))),
     "separable": ("r = A / (1 + exp(a·ln n + b·ln d - c))", 4,
-                  lambda p, n, d: p[0] / (1 + torch.exp(p[1] * n.log() + p[2] * d.log() - p[3]))),
+                  lambda p, n, d: p[0] / (1 + _ex(p[1] * n.log() + p[2] * d.log() - p[3]))),
     "tasks_only": ("r = A / (1 + (n / K)^b)", 3,
-                   lambda p, n, d: p[0] / (1 + torch.exp(p[2].exp() * (n.log() - p[1])))),
+                   lambda p, n, d: p[0] / (1 + _ex(_ex(p[2]) * (n.log() - p[1])))),
     "depth_only": ("r = A / (1 + (d / K)^b)", 3,
-                   lambda p, n, d: p[0] / (1 + torch.exp(p[2].exp() * (d.log() - p[1])))),
-    "exponential": ("r = A · exp(-n·d / K)", 2, lambda p, n, d: p[0] * torch.exp(-(n * d) / p[1].exp())),
+                   lambda p, n, d: p[0] / (1 + _ex(_ex(p[2]) * (d.log() - p[1])))),
+    "exponential": ("r = A · exp(-n·d / K)", 2, lambda p, n, d: p[0] * _ex(-(n * d) / _ex(p[1]))),
     "constant": ("r = A", 1, lambda p, n, d: p[0] + 0 * n),
 }
 
@@ -105,15 +109,16 @@ def fit_law(law: str, points: list[tuple[int, int, float]]) -> dict | None:
     n = torch.tensor([float(p[0]) for p in points], dtype=torch.float64)
     d = torch.tensor([float(p[1]) for p in points], dtype=torch.float64)
     r = torch.tensor([p[2] for p in points], dtype=torch.float64)
-    log_loads = [math.log(x) for x in sorted({float(a * b) for a, b, _ in points})]
+    loads = sorted({float(a * b) for a, b, _ in points})
+    log_loads = [math.log(loads[i]) for i in sorted({0, len(loads) // 2, len(loads) - 1})]  # K starts: min, mid, max
     starts = [[1.0, lk, lb, 0.0][:k] if law != "separable" else [1.0, 1.0, 1.0, lk] for lk in log_loads
-              for lb in (-0.7, 0.0, 1.0)]
+              for lb in (0.0, 1.0)]
     if law == "exponential":
         starts = [[1.0, lk] for lk in log_loads]
     best = None
     for s in starts:
         p = torch.tensor(s[:k], dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.LBFGS([p], max_iter=200, line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS([p], max_iter=100, max_eval=150, tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
         def closure(opt=opt, p=p):
             opt.zero_grad()
@@ -197,7 +202,8 @@ def summarize(study: Path) -> dict:
                  surface={f"{n}x{d}": r for (n, d), r in mean_surface(per_seed).items()},
                  fits=fit_laws(mean_surface(per_seed)))
     singles = {k: m for k, m in models.items() if m["system"] == "single"}
-    out: dict = {"threshold": thr, "models": models, "cells": len(cells)}
+    out: dict = {"threshold": thr, "models": models, "cells": len(cells),
+                 "warmup": int(cfg.get("stream_options", {}).get("warmup_tasks", 0))}
     if singles:
         best = max(singles, key=lambda k: singles[k]["capacity_ci"][0])
         out["best_single"] = best
@@ -309,8 +315,8 @@ def write_report(study: str | Path) -> Path:
         b = m["fits"][0]
         others = ", ".join(f"{f['law']} ΔAIC {f['delta_aic']:.1f}" for f in m["fits"][1:])
         lines.append(f"- {name}: **{b['law']}** `{b['formula']}` with "
-                     f"{', '.join(f'{k}={v:.3g}' for k, v in b['params'].items())}, RMSE {b['rmse']:.3f} on "
-                     f"{len(b['residuals'])} cells; max |residual| "
+                     f"{', '.join(f'{k}={v:.3g}' for k, v in b['params'].items())} ({b['k']} parameters), RMSE "
+                     f"{b['rmse']:.3f} on {len(b['residuals'])} cells; max |residual| "
                      f"{max(abs(r['residual']) for r in b['residuals']):.3f}. Others: {others or 'none fitted'}")
     if s["activations"]:
         lines += ["", "## FFN activation statistics (answer sites of the probes; seed mean)", "",
@@ -326,8 +332,9 @@ def write_report(study: str | Path) -> Path:
         if pre:
             lines.append(f"- pretraining: mean {sum(pre) / len(pre):.0f} s over {len(pre)} runs")
         for c in sorted(cont, key=lambda c: (c["model"], c["seed"], c["d"])):
-            lines.append(f"- stream {c['model']} s{c['seed']} d={c['d']} ({c['n']} tasks × {c['steps_per_task']} "
-                         f"steps): {c['wall_s']:.0f} s")
+            w = c.get("warmup", s["warmup"])
+            lines.append(f"- stream {c['model']} s{c['seed']} d={c['d']} ({c['n'] + w} tasks incl. {w} "
+                         f"warm-up × {c['steps_per_task']} steps, evaluations included): {c['wall_s']:.0f} s")
     lines += ["", *[f"![{f}]({f})" for f in figs], ""]
     (out / "report.md").write_text("\n".join(lines))
     return out / "report.md"
