@@ -204,6 +204,9 @@ def test_campaign_rules_are_taught_once_and_no_fact_is_restated():
                             if item in sent.lower():
                                 assert "moved" in sent or "kept near" in sent, sent
                                 assert f["o"] not in sent and f["g"] not in sent and f["n"] not in sent
+    for order in (1, 2, 3):  # >= 6 facts x 4 unseen questions - 2 moved places, in any order
+        assert min(sum(p.kind == "retain" and not probe_groups(p) for p in t.probes)
+                   for t in build_stream("campaign", {}, order)) >= 22
 
 
 def test_generated_candidates_are_length_balanced():
