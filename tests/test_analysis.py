@@ -97,7 +97,8 @@ def test_graft_restores_exactly_the_stored_weights(tiny_cfg):
     src = {n: p.detach().clone() for n, p in source.named_parameters()}
     groups = graft_groups(final, ["attn"])
     assert groups == {"slow": ["attn.dense_heads"], "fast": ["attn.sparse_heads"], "embed": ["embed"],
-                      "head": ["head"], "mlp": ["mlp"], "norm": ["norm"], "attn": ["attn"]}
+                      "head": ["head"], "mlp": ["mlp"], "norm.attn": ["norm.attn"], "norm.ffn": ["norm.ffn"],
+                      "norm.final": ["norm.final"], "attn": ["attn"]}
     covered = {n for g, roles in groups.items() if g != "attn" for n in role_names(final, roles)}
     assert covered == set(before)  # every parameter is in a group: MLP, embeddings, head and norms too
     names = role_names(final, groups["fast"])
@@ -230,7 +231,8 @@ def test_analyze_end_to_end_on_a_tiny_continual_run(tmp_path):
     assert main(["analyze", str(run), "--max-probes", "2"]) == 0
     art = run_artifacts(run)
     assert all(art[k] for k in ("telemetry", "graft", "routing", "sparsity"))
-    assert {r["group"] for r in art["graft"]} == {"slow", "fast", "embed", "head", "mlp", "norm"}
+    assert {r["group"] for r in art["graft"]} == {"slow", "fast", "embed", "head", "mlp", "norm.attn",
+                                                      "norm.ffn", "norm.final"}
     assert all(r["moved"] for r in art["graft"] if r["mode"] == "remove")  # vanilla: every group trains
     assert json.loads((run / "meta.json").read_text())["replicate"] == 7  # the init run's pretraining seed
     assert {r["measure"] for r in art["routing"]} >= {"jaccard_last", "jaccard_all", "fact_mass", "fact_selected"}

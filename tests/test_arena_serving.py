@@ -11,8 +11,9 @@ from arena_util import CSRF, tiny_hf_dir, tiny_topocl_run  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from topocl.arena.app import ArenaSettings, create_app  # noqa: E402
+from topocl.arena.pool import ModelPool  # noqa: E402
 from topocl.arena.proxies import campaign_world, rule_violations  # noqa: E402
-from topocl.arena.serving import ModelPool, clean_reply, load_specs  # noqa: E402
+from topocl.arena.serving import clean_reply, load_specs  # noqa: E402
 from topocl.tasks.base import Probe  # noqa: E402
 
 

@@ -164,7 +164,7 @@ def test_params_lists_which_pathway_each_role_belongs_to(capsys):
 
 
 def test_full_budget_split_equals_dense_and_partitions_its_heads():
-    from topocl.attention.split import split_from_dense
+    from topocl.model import split_from_dense
 
     torch.manual_seed(0)
     c = ModelConfig(vocab_size=64, n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=32)

@@ -160,6 +160,21 @@ def test_default_worlds_headline_has_no_shortcut():
                    for t in build_stream("worlds", {}, order))
 
 
+@pytest.mark.parametrize("preset", ["tiny-base", "ts-base"])
+def test_preset_streams_have_20_headline_retain_probes_per_task_in_every_order(preset):
+    """The shipped continual presets (global rules overwrite some worlds) keep >= 20 headline retain probes in every
+    world, in the first orders a study runs."""
+    import yaml
+
+    from topocl.demo import CONFIGS
+
+    cfg = yaml.safe_load((CONFIGS / "continual" / f"{preset}.yaml").read_text())
+    for order in (0, 1, 2, 3):
+        tasks = build_stream(cfg["stream"], cfg["stream_options"], order)
+        counts = [sum(p.kind == "retain" and not probe_groups(p) for p in t.probes) for t in tasks]
+        assert min(counts) >= 20, (preset, order, counts)
+
+
 def test_binary_and_retaught_tags_match_a_recount():
     opts = {"n_worlds": 12, "shared_attributes": 2, "global_overwrites": 4, "binary_relations": True,
             "reteach": True, "seed": 5}
@@ -273,7 +288,7 @@ def test_the_runner_evaluates_the_labels_of_the_order_it_trains(monkeypatch, tmp
     def tiny(self):
         torch.manual_seed(0)
         cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=1, d_model=32, n_head=2, n_kv_head=1, max_seq_len=64)
-        return GPT(cfg), tok, 64, [], None
+        return GPT(cfg), tok, 64, [], None, None
 
     monkeypatch.setattr(continual.StreamRun, "_load", tiny)
     opts = {"n_worlds": 10, "global_overwrites": 2, "texts_per_task": 2}

@@ -31,8 +31,8 @@ def test_expansion_is_the_cartesian_product_with_stable_names(tmp_path):
     cfg, every = load_sweep(path, ["seeds=[0,2]", "orders=[0,3]", f"out_dir={tmp_path}", "all.train.steps=5"])
     cfg.sizes = {"a": ["model.d_model=64"], "b": []}
     runs = expand(cfg, path, every)
-    pre, cont = ["dense", "split"], ["dense-vanilla", "dense-ewc", "dense-replay", "dense-lora", "split-vanilla",
-                                     "split-acft"]
+    pre, cont = ["dense", "split"], ["dense-vanilla", "dense-acft", "split-vanilla", "split-acft", "dense-sota",
+                                     "dense-ewc", "dense-replay", "dense-lora"]
     want = [f"{a}-{z}-s{s}" for a, z, s in itertools.product(pre, "ab", [0, 2])]
     want += [f"{a}-{z}-s{s}-o{o}" for a, z, s, o in itertools.product(cont, "ab", [0, 2], [0, 3])]
     assert [r["name"] for r in runs] == want and len(set(want)) == len(want)
@@ -65,7 +65,7 @@ def test_every_example_sweep_expands_and_dry_run_prints_it(capsys):
         assert expand(cfg, path, every)
     assert main(["sweep", str(ROOT / "configs/sweeps/tiny-arms.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "16 runs" in out and "split-acft-s1-o0" in out and "[after split-s1]" in out
+    assert "20 runs" in out and "split-acft-s1-o0" in out and "[after split-s1]" in out
 
 
 @pytest.mark.slow

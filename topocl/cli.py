@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "metrics": ("topocl.results", "named CL metrics of results.jsonl files as JSON: topocl metrics RESULTS [...]"),
     "report": ("topocl.report", "comparison report (report.md + PNGs) of run directories: topocl report RUN [...]"),
     "sweep": ("topocl.sweep", "a grid of runs in one directory: topocl sweep SWEEP.yaml [k=v ...] [--dry-run]"),
-    "study": ("topocl.study", "a resumable study (studies/<name>): topocl study STUDY.yaml [--budget 2h] "
+    "study": ("topocl.study_exec", "a resumable study (studies/<name>): topocl study STUDY.yaml [--budget 2h] "
                               "[--shard i/n] | status DIR | report DIR"),
     "stream": ("topocl.tasks.streams", "inspect a task stream: topocl stream show NAME [k=v ...] [--time]"),
     "continual": ("topocl.continual", "run a task stream on a pretrained model: topocl continual CONFIG [k=v ...]"),

@@ -65,7 +65,7 @@ from topocl.registry import STRATEGIES
 from topocl.strategies import DreamConfig, EWCConfig, ReplayConfig
 from topocl.strategies.base import StrategyContext
 from topocl.tasks import Probe, Task
-from topocl.tasks.base import order_permutation, probe_groups
+from topocl.tasks.base import probe_groups
 from topocl.tasks.streams import build_stream
 from topocl.train import NonFiniteLoss, autocast_for, evaluate_loss, resolve_device, train_steps
 
@@ -103,12 +103,6 @@ class ContinualConfig:
 # ----------------------------------------------------------------------------- helpers
 
 
-def task_order(n: int, order: int) -> list[int]:
-    """Order 0 is the stream's own; order k > 0 is a permutation seeded by k, not constrained by a stream's task
-    prerequisites: build the stream with `build_stream(name, options, order)` for the tasks and labels trained."""
-    return order_permutation(n, order)
-
-
 def task_rows(task: Task, tok, seq_len: int) -> Tensor:
     return pack_documents(tok.encode_batch(task.texts), seq_len, tok.bos_id)
 
@@ -143,7 +137,7 @@ def load_init(cfg: ContinualConfig, device: torch.device):
     """(model, tokenizer, pretraining config) of init=, as a full-budget split model when split_dense=true."""
     model, tok, pcfg = load_run(cfg.init, device)
     if cfg.split_dense:
-        from topocl.attention.split import split_from_dense
+        from topocl.model import split_from_dense
 
         model = split_from_dense(model)
     return model, tok, pcfg

@@ -96,7 +96,7 @@ def analyse(runs: list[Path], out: Path) -> Path:
     from topocl.analysis.artifacts import stream_dirs
     from topocl.analysis.render import write_analysis
     from topocl.analysis.stages import analyze_run
-    from topocl.results import load_rows
+    from topocl.results import load_rows, read_run_dir, replicate_map
 
     for run in runs:
         stages = [s for s in ANALYSED.get(f"tiny-{run.name}", [])
@@ -108,4 +108,5 @@ def analyse(runs: list[Path], out: Path) -> Path:
     from topocl.analysis.artifacts import run_artifacts
 
     artifacts = {run.name: run_artifacts(run) for run in runs}
-    return write_analysis(load_rows(*runs), artifacts, out, "dense-vanilla", None)
+    replicates = replicate_map([read_run_dir(run) for run in runs])
+    return write_analysis(load_rows(*runs), artifacts, out, "dense-vanilla", None, replicates)

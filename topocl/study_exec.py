@@ -11,6 +11,7 @@ gate for the budget.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -26,11 +27,19 @@ from topocl.study import (
     Estimator,
     StudyConfig,
     committed_dir,
+    expand,
+    load_study,
     missing_presets,
+    parse_budget,
+    parse_shard,
+    print_expansion,
     records,
     shard_units,
     status_line,
     study_file,
+)
+from topocl.study import (
+    __doc__ as study_doc,
 )
 from topocl.sweep_exec import DONE, is_done, run_local
 
@@ -193,3 +202,37 @@ def run_study(cfg: StudyConfig, path: str | Path, runs: list[dict], budget_s: fl
         status.setdefault(r["name"], "not started")
     return {"status": status, "blocked": blocked, "budget_stop": stop["budget"], "done": done, "estimator": est,
             "wall_s": time.monotonic() - t0}
+
+
+def cli(argv: list[str]) -> int:
+    if argv and argv[0] in ("status", "report"):
+        from topocl.study_report import cli as sub
+
+        return sub(argv)
+    ap = argparse.ArgumentParser(prog="topocl study", description=study_doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("study", help="study file (studies/<name>/study.yaml) or its folder")
+    ap.add_argument("overrides", nargs="*", help="study keys, e.g. seeds=[0,1] executor.workers=2")
+    ap.add_argument("--budget", default="", help="wall-time budget, e.g. 90m, 2h, 1h30m (default: none)")
+    ap.add_argument("--shard", default="0/1", help="i/n: run only this deterministic share of the study")
+    ap.add_argument("--dry-run", action="store_true", help="print the runs, their state and missing presets")
+    args = ap.parse_args(argv)
+    cfg = load_study(args.study, args.overrides)
+    shard = parse_shard(args.shard)
+    budget = parse_budget(args.budget) if args.budget else 0.0
+    runs = expand(cfg, args.study)
+    if args.dry_run:
+        return print_expansion(cfg, args.study, runs, shard)
+    out = run_study(cfg, args.study, runs, budget, shard)
+    print(status_line(cfg, runs, out["done"], out["estimator"]))
+    counts: dict[str, int] = {}
+    for s in out["status"].values():
+        counts[s if s in ("done", "failed", "not started") else "blocked"] = counts.get(s, 0) + 1
+    print(f"this session (shard {shard[0]}/{shard[1]}, {out['wall_s'] / 60:.1f} min): "
+          + ", ".join(f"{n} {k}" for k, n in counts.items())
+          + (" — stopped by the budget" if out["budget_stop"] else ""))
+    for name, why in out["blocked"].items():
+        print(f"  blocked: {name}: {why}")
+    print(f"commit the finished runs: git add {study_file(args.study).parent}; report: topocl study report "
+          f"{study_file(args.study).parent}")
+    return 0 if not counts.get("failed") and not out["blocked"] else 1

@@ -31,9 +31,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from topocl.arena import service
 from topocl.arena.board import board_data, json_clean
 from topocl.arena.db import ArenaSession, open_db
+from topocl.arena.pool import ModelPool
 from topocl.arena.proxies import campaign_world, custom_world, gm_note
 from topocl.arena.service import ArenaError, Limits
-from topocl.arena.serving import ModelPool, ModelSpec, demo_specs
+from topocl.arena.serving import ModelSpec, demo_specs
 
 HERE = Path(__file__).parent
 CAMPAIGN_SEEDS = range(5)

@@ -18,9 +18,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from topocl.arena.db import ArenaSession, CatchRow, LearnRow, Turn, VoteRow, utcnow
+from topocl.arena.pool import ModelPool
 from topocl.arena.proxies import render_prompt, score_reply
 from topocl.arena.ratings import OUTCOMES, Vote
-from topocl.arena.serving import ModelPool
 
 SESSION_ID_CHARS = frozenset("0123456789abcdef")
 MAX_TURN_IDX = 2**31 - 1  # the column is a 32-bit integer; larger indices cannot exist

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from topocl.arena.pool import ModelPool
 from topocl.arena.proxies import campaign_world, in_context, render_prompt
-from topocl.arena.serving import ModelPool, ModelSpec
+from topocl.arena.serving import ModelSpec
 from topocl.tasks.base import Probe
 
 PLAYER_LINES = ["I look around the common room and listen.", "I ask the innkeeper what news there is.",

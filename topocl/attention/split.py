@@ -57,47 +57,6 @@ def full_budget(topk: int, frac: float) -> bool:
     return topk == 0 and frac >= 1.0
 
 
-def split_from_dense(model: nn.Module, sparse_kv_groups: int = -1) -> nn.Module:
-    """A split GPT at full budget with the weights of dense-attention GPT `model`: KV groups 0..Ka-1 (with their
-    query heads) form group A, the rest group B; q/k/v rows and o columns are copied, so its outputs equal
-    `model`'s (up to float summation order: o = o_A + o_B). Roles: attn.dense_heads / attn.sparse_heads."""
-    import dataclasses
-
-    from topocl.attention.ops import rope_cache
-    from topocl.config import SplitConfig
-    from topocl.model import GPT
-
-    cfg = model.cfg
-    if cfg.attention != "dense":
-        raise ValueError(f"split_from_dense needs a dense-attention model, got attention={cfg.attention!r}")
-    ka, _ = split_groups(cfg.n_kv_head, sparse_kv_groups)
-    g, d = cfg.n_head // cfg.n_kv_head, cfg.hd
-    split_cfg = dataclasses.replace(cfg, attention="split", split=SplitConfig(
-        sparse_kv_groups=cfg.n_kv_head - ka, topk=0, topk_frac=1.0))
-    dev = next(model.parameters()).device
-    with torch.device("meta"):
-        out = GPT(split_cfg)
-    state = {}
-    qa, kva = ka * g * d, ka * d  # rows of group A in q_proj / k_proj, v_proj
-    for name, w in model.state_dict().items():
-        pre, _, rest = name.partition(".attn.")
-        if not rest:
-            state[name] = w
-            continue
-        proj = rest.split(".")[0]  # q_proj | k_proj | v_proj | o_proj
-        if proj == "o_proj":  # [C, H*D]: columns of group A's heads, then group B's
-            a, b = w[:, :qa], w[:, qa:]
-        else:  # [H*D, C] or [Hk*D, C]: rows
-            cut = qa if proj == "q_proj" else kva
-            a, b = w[:cut], w[cut:]
-        state[f"{pre}.attn.dense.{rest}"] = a.clone()
-        state[f"{pre}.attn.sparse.{rest}"] = b.clone()
-    out.load_state_dict(state, assign=True)
-    cos, sin = rope_cache(cfg.max_seq_len, cfg.hd, cfg.rope_base)
-    out.rope_cos, out.rope_sin = cos, sin  # non-persistent buffers are not in the state dict
-    return out.to(dev).train(model.training)
-
-
 def row_budget(t: int, topk: int, frac: float, device: torch.device | None = None) -> Tensor:
     """Keys kept per query row, LongTensor [T, 1]."""
     prefix = torch.arange(1, t + 1, device=device)[:, None]  # causal keys of row t: t + 1
