@@ -133,6 +133,32 @@ def test_jaccard_and_overlap_stats_hand_computed():
     assert st["usage_overlap"] == pytest.approx(0.5 / 3.5)
 
 
+@pytest.mark.parametrize("ffn", ["mlp", "kwta", "dual", "moe"])
+def test_answer_site_hidden_takes_each_prompts_last_token(ffn):
+    """Per layer [N, H] at every prompt's own last position (prompts of unequal length); moe's token dispatch
+    (experts see only their own tokens) is measured through its reference path, so chosen experts' units are
+    the same as when each prompt runs alone."""
+    from topocl.analysis.overlap import answer_site_hidden
+    from topocl.config import ModelConfig
+    from topocl.model import GPT
+    from topocl.tokenizer import Tokenizer
+    from topocl.world import synthetic_corpus
+
+    tok = Tokenizer.train(synthetic_corpus(50, 0), 300)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, d_model=32, n_head=2, n_kv_head=1, max_seq_len=64,
+                            ffn=ffn))
+    prompts = ["In Zorbia, fire feels", "A visitor to the old kingdom of Zorbia soon learns that water tastes"]
+    both = answer_site_hidden(model, tok, prompts, "cpu")
+    alone = [answer_site_hidden(model, tok, [p], "cpu") for p in prompts]
+    assert len(both) == 2 and all(h.shape[0] == 2 for h in both)
+    for layer in range(2):
+        for r in range(2):
+            assert torch.allclose(both[layer][r], alone[r][layer][0], atol=1e-5)
+    if ffn == "moe":
+        assert all(b.ffn.impl == "dispatch" for b in model.blocks)  # restored
+
+
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
 def test_presets_are_parameter_matched_over_the_grid(path):
     cfg = load_study(path)

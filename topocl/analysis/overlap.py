@@ -59,10 +59,17 @@ def answer_site_hidden(model: nn.Module, tok, prompts: list[str], device, batch_
                     def hook(mod, inp, out, key=(i, name), store=caught):
                         store[key] = (out if key[1] == "router" else inp[0]).detach().float()  # [B, W, H]
                     hooks.append(m.register_forward_hook(hook))
+        # moe: the reference path (every chosen expert on every token, same outputs) keeps the hooks' [B, W, H]
+        # layout; dispatch hands each expert only its own tokens
+        impls = {b: b.ffn.impl for b in base.blocks if getattr(b.ffn, "impl", None) == "dispatch"}
         try:
             base.eval()
+            for b in impls:
+                b.ffn.impl = "dense"
             base(idx.to(device))
         finally:
+            for b, impl in impls.items():
+                b.ffn.impl = impl
             for h in hooks:
                 h.remove()
         caught = {k: v[torch.arange(len(seqs)), last].cpu() for k, v in caught.items()}  # [B, H] at the last token
