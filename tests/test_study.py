@@ -1,14 +1,18 @@
 """`topocl study`: expansion and seed pairing, strict keys and missing presets, sharding, budget stop, committed
-artifacts, resume on a fresh machine (nothing re-run), re-pretraining a missing checkpoint, status and report."""
+artifacts, resume on a fresh machine (nothing re-run), re-pretraining a missing checkpoint, status and report;
+the `analyze:` key (grafting after the analysed runs, committed per stream, H3 in FINDINGS.md)."""
 
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+import topocl.study_exec as study_exec
 import topocl.sweep_exec as sweep_exec
+from topocl.analysis.artifacts import run_artifacts
 from topocl.cli import main
 from topocl.config import ConfigError
 from topocl.study import (
@@ -87,6 +91,13 @@ def test_strict_keys_and_missing_presets(tmp_path, capsys):
         load_study(write_study(tmp_path, arms={"dense-vanilla": {"config": "x.yaml", "topology": "dense", "lrr": [1]}}))
     with pytest.raises(ConfigError, match="arms.a.topology='sparse' is not one of the study's topologies"):
         load_study(write_study(tmp_path, arms={"a": {"config": "x.yaml", "topology": "sparse"}}))
+    for analyze, msg in (({"arms": ["dense-vanilla"], "stage": ["graft"]}, "unknown key 'analyze.stage'"),
+                         ({"arms": ["dense-vanila"]}, "analyze.arms: 'dense-vanila' is not one of the study's arms"),
+                         ({"arms": ["dense-vanilla"], "lr": [1e-3]}, "analyze.lr: 0.001 is not a grid point"),
+                         ({"arms": ["dense-vanilla"], "stages": ["grafting"]}, "analyze.stages=.'grafting'.: one"),
+                         ({"arms": ["dense-vanilla"], "graft_modes": ["undo"]}, "analyze.graft_modes=.'undo'.")):
+        with pytest.raises(ConfigError, match=msg):
+            load_study(write_study(tmp_path, analyze=analyze))
     path = write_study(tmp_path, baseline="dense-ewc")
     with pytest.raises(ConfigError, match="baseline='dense-ewc' is not a run name of this study"):
         expand(load_study(path), path)
@@ -180,6 +191,91 @@ def test_status_and_report_count_what_is_finished(toy, capsys):
     assert (path.parent / "report/report.md").is_file() and "](report/accuracy_matrix.png)" in text
 
 
+@pytest.fixture(scope="module")
+def analysed(toy):
+    """A toy study whose dense-vanilla arm runs at learning rates 0.001 and 0.003, with `analyze:` covering only
+    0.001 (graft, mode remove), on the toy study's pretraining (pretrain_from): two continual runs, one analysis."""
+    tmp = toy["tmp"]
+    arm = {"config": str(ROOT / "configs/continual/tiny-dense-vanilla.yaml"), "topology": "dense", "lr": [1e-3, 3e-3]}
+    doc = {**yaml.safe_load(toy["path"].read_text()), "pretrain_from": "../toy", "scratch": str(tmp / "scratch-h3"),
+           "arms": {"dense-vanilla": arm}, "baseline": "dense-vanilla-lr0.001", "estimate": {},
+           "analyze": {"arms": ["dense-vanilla"], "lr": [1e-3], "graft_modes": ["remove"]}}
+    path = tmp / "studies/h3/study.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(doc))
+    cfg = load_study(path)
+    out = run_study(cfg, path, expand(cfg, path))
+    return {"path": path, "tmp": tmp, "out": out, "findings": write_findings(path).read_text()}
+
+
+def test_analysed_runs_commit_graft_rows_for_every_role_group(analysed):
+    from topocl.config import from_dict
+    from topocl.continual import ContinualConfig, load_init
+
+    root, scratch = analysed["path"].parent / "runs", analysed["tmp"] / "scratch-h3"
+    assert set(analysed["out"]["status"].values()) == {"done"}
+    yes, no = "dense-vanilla-lr0.001-s0-o0", "dense-vanilla-lr0.003-s0-o0"
+    graft = run_artifacts(root / yes)["graft"]  # read from the committed folder alone
+    cfg = from_dict(ContinualConfig, yaml.safe_load((root / yes / "config.yaml").read_text()))
+    assert cfg.analysis.keep_task_checkpoints
+    model = load_init(cfg, torch.device("cpu"))[0]
+    roles = set(model.param_roles().values())
+    assert {x for r in graft for x in r["roles"].split(",")} == roles  # every role group grafted
+    tasks = {r["eval_task"] for r in graft}
+    for g in {r["group"] for r in graft}:  # every group: every task's pre-task weights, mode remove only
+        assert {(r["task"], r["mode"]) for r in graft if r["group"] == g} == {(j, "remove") for j in tasks}
+    rel = "seed0-order0/analysis/graft.jsonl"
+    assert (root / yes / rel).read_bytes() == (scratch / yes / rel).read_bytes()
+    rec = json.loads((root / yes / "run.json").read_text())
+    assert rec["analysis"]["stages"] == ["graft"] and rec["analysis"]["graft_modes"] == ["remove"]
+    assert rec["cpu_s"] > rec["analysis"]["cpu_s"] > 0  # the analysis is counted in the run's cost
+    assert not (scratch / yes / "seed0-order0/checkpoints").exists()  # task checkpoints deleted after commit
+    assert "analysis.keep_task_checkpoints=true" in rec["overrides"]
+    other = json.loads((root / no / "run.json").read_text())  # the arm's grid point that `analyze:` leaves out
+    assert not list((root / no).rglob("analysis")) and "analysis" not in other
+    assert not any("keep_task_checkpoints" in o for o in other["overrides"])
+
+
+def test_report_has_the_h3_section_of_the_analysed_runs(analysed):
+    text = analysed["findings"]
+    h3 = text.split("\n## H3 evidence\n", 1)[1].split("\n## ", 1)[0]
+    assert "arms dense-vanilla at learning rate 0.001 (results runs `dense-vanilla-lr0.001`)" in h3
+    assert "1/1 analysed runs are finished with their analysis" in h3 and "graft modes remove" in h3
+    assert "### H3: " in h3 and "| run | statistic | mean [95% t-CI] | n | unit | verdict | note |" in h3
+    assert "| dense-vanilla-lr0.001 | fact: d(fast) − d(slow), predicted > 0 |" in h3
+    assert "own-task drop d(mlp) (descriptive)" in h3 and "inconclusive" in h3  # one replicate (n < 5)
+    assert "dense-vanilla-lr0.003" not in h3
+
+
+def test_analysis_missing_is_reported_and_run_again(analysed, monkeypatch, capsys):
+    path, root = analysed["path"], analysed["path"].parent / "runs/dense-vanilla-lr0.001-s0-o0"
+    rec = json.loads((root / "run.json").read_text())
+    (root / "run.json").write_text(json.dumps({k: v for k, v in rec.items() if k != "analysis"}))  # an old run
+    try:
+        assert main(["study", "status", str(path.parent)]) == 0
+        out = capsys.readouterr().out
+        assert "3/3 runs done" in out and "analysis missing: 1 committed run(s)" in out
+        text = write_findings(path).read_text()
+        assert "Analysis missing (1): `dense-vanilla-lr0.001-s0-o0`" in text and "0/1 analysed runs" in text
+        ran = []
+        monkeypatch.setattr(study_exec, "execute", lambda run, env=None, echo=False: ran.append(run["name"]) or
+                            {"status": "failed", "returncode": 1, "log": ""})
+        shutil.rmtree(analysed["tmp"] / "scratch-h3/dense-vanilla-lr0.001-s0-o0")
+        cfg = load_study(path)
+        out = run_study(cfg, path, expand(cfg, path))
+        assert ran == ["dense-vanilla-lr0.001-s0-o0"] and out["status"]["dense-vanilla-lr0.001-s0-o0"] == "failed"
+    finally:
+        (root / "run.json").write_text(json.dumps(rec))
+    monkeypatch.undo()
+    # a scratch run started without its task checkpoints can never be analysed: started again from nothing
+    old = analysed["tmp"] / "old"
+    old.mkdir()
+    (old / "config.yaml").write_text(yaml.safe_dump({"analysis": {"keep_task_checkpoints": False}}))
+    monkeypatch.setattr(sweep_exec, "execute_run", lambda run, env=None, echo=False: {"status": "failed"})
+    assert study_exec.execute({"analyze": {"stages": ["graft"]}, "out_dir": str(old)})["status"] == "failed"
+    assert not old.exists()
+
+
 def test_fresh_machine_continues_from_committed_artifacts(toy, monkeypatch):
     path, tmp = toy["path"], toy["tmp"]
     results = (path.parent / "runs/dense-vanilla-s0-o0/results.jsonl").read_bytes()
@@ -205,6 +301,7 @@ def test_fresh_machine_continues_from_committed_artifacts(toy, monkeypatch):
     shutil.rmtree(tmp / "scratch/dense-vanilla-s0-o0")
     monkeypatch.setattr(sweep_exec, "execute_run", lambda *a, **k: pytest.fail("nothing should run"))
     out = run_study(cfg, path, expand(cfg, path))
+    summary.write_text(json.dumps(s))  # the shared pretraining as it was (other studies build on it)
     why = out["blocked"]["dense-vanilla-s0-o0"]
     assert "re-pretrained pre-dense-s0 differs from the committed run: val_loss" in why
     assert not (path.parent / "runs/dense-vanilla-s0-o0").exists()
@@ -231,3 +328,4 @@ def test_pretrain_from_shares_the_other_studys_pretraining(tmp_path):
         "config": str(ROOT / "configs/pretrain/tiny-dense.yaml"), "overrides": ["model.d_ff=96"]}}}))
     with pytest.raises(ConfigError, match="same preset and overrides"):
         expand(load_study(second), second)
+

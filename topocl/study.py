@@ -30,11 +30,23 @@ is started only when its estimated wall time (the mean of this study's finished 
 topology, else of the same kind, else the file's `estimate`) fits in what is left; after the first run that
 does not fit, nothing more starts and the study stops cleanly. `--shard i/n` takes a deterministic share of
 the units (greedy on static run counts), disjoint across i and covering the study.
+
+Analyses (H3 evidence): `analyze: {arms: [split-acft, dense-vanilla], lr: [0.001], stages: [graft],
+graft_modes: [remove]}` names the continual arms (and their learning-rate grid points; lr [] = every point)
+whose runs get the post-hoc analysis stages (topocl/analysis/stages.py; default graft, in both graft modes
+unless graft_modes says). Such a run gets `analysis.keep_task_checkpoints=true`; after its continual
+subprocess, `topocl analyze OUT --stages ... --no-report` runs in the same slot (its CPU and wall time are
+counted in the run's cost), every stream's analysis/<stage>.jsonl is committed as
+runs/<run>/seed{S}-order{O}/analysis/<stage>.jsonl (topocl.analysis.artifacts.run_artifacts reads the
+committed folder), and the task checkpoints in scratch are deleted; run.json (written last) records the
+analysis. A run committed without the analysis its key now asks for ("analysis missing" in status and report)
+is run again: its task checkpoints are gone, so the analysis cannot be added to it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -59,6 +71,14 @@ class Arm:
     topology: str = ""  # the study topology whose pretrained model this arm starts from
     lr: list[float] = field(default_factory=list)  # learning-rate grid; [] = the preset's train.lr
     overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Analyze:
+    arms: list[str] = field(default_factory=list)  # continual arms whose runs are analysed
+    lr: list[float] = field(default_factory=list)  # their grid points that are; [] = every point
+    stages: list[str] = field(default_factory=lambda: ["graft"])  # topocl.analysis.artifacts.STAGES
+    graft_modes: list[str] = field(default_factory=lambda: ["remove", "recover"])  # topocl/analysis/graft.py
 
 
 @dataclass
@@ -94,6 +114,7 @@ class StudyConfig:
     joint: str = ""  # results run name of the joint-training reference ("" = from its config)
     repretrain_tolerance: float = 0.02
     estimate: Estimate = field(default_factory=Estimate)
+    analyze: Analyze = field(default_factory=Analyze)  # which continual runs get the analysis stages
     executor: ExecutorConfig = field(default_factory=lambda: ExecutorConfig(workers=1, threads=1))
 
 
@@ -122,10 +143,44 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyCon
     for name, top in [*cfg.topologies.items(), *cfg.arms.items()]:
         if not top.config:
             raise ConfigError(f"{path}: {name}.config is required")
+    check_analyze(cfg, path)
     if cfg.executor.kind != "local":
         raise ConfigError(f"{path}: executor.kind={cfg.executor.kind!r}: a study runs on local slots (its budget "
                           "is checked before each run starts); use topocl sweep for Slurm")
     return cfg
+
+
+def check_analyze(cfg: StudyConfig, path: Path) -> None:
+    """The `analyze:` key names existing arms, their grid points, known stages and graft modes."""
+    from topocl.analysis.artifacts import GRAFT_MODES, STAGES
+
+    an = cfg.analyze
+    if not an.arms:
+        return
+    for name in an.arms:
+        if name not in cfg.arms:
+            raise ConfigError(f"{path}: analyze.arms: {name!r} is not one of the study's arms ({', '.join(cfg.arms)})")
+        grid = cfg.arms[name].lr
+        for lr in an.lr:
+            if not any(math.isclose(lr, x) for x in grid):
+                raise ConfigError(f"{path}: analyze.lr: {lr:g} is not a grid point of arm {name} "
+                                  f"({', '.join(f'{x:g}' for x in grid) or 'no grid: the preset lr'})")
+    if not an.stages or set(an.stages) - set(STAGES):
+        raise ConfigError(f"{path}: analyze.stages={an.stages}: one or more of {', '.join(STAGES)}")
+    if not an.graft_modes or set(an.graft_modes) - set(GRAFT_MODES):
+        raise ConfigError(f"{path}: analyze.graft_modes={an.graft_modes}: one or more of {', '.join(GRAFT_MODES)}")
+
+
+def analysed(cfg: StudyConfig, arm: str, lr: float | None) -> bool:
+    """Whether the continual runs of this arm and grid point get the analysis stages."""
+    an = cfg.analyze
+    return arm in an.arms and (not an.lr or any(math.isclose(lr, x) for x in an.lr))
+
+
+def analysis_missing(runs: list[dict], done: dict[str, dict]) -> list[str]:
+    """Committed runs whose run.json lacks a stage their `analyze:` key asks for (committed before it did)."""
+    return [r["name"] for r in runs if r.get("analyze") and r["name"] in done
+            and not set(r["analyze"]["stages"]) <= set(done[r["name"]].get("analysis", {}).get("stages", []))]
 
 
 def lr_label(lr: float) -> str:
@@ -147,7 +202,7 @@ def expand(cfg: StudyConfig, path: str | Path, check: bool = True) -> list[dict]
                 unit = len({r["unit"] for r in runs})
                 cfg_path = (base / top.config).resolve()
                 runs.append({"name": pre, "label": pre, "kind": "pretrain", "arm": top_name, "topology": top_name,
-                             "size": size, "seed": seed, "order": None, "lr": None, "unit": unit,
+                             "size": size, "seed": seed, "order": None, "lr": None, "unit": unit, "analyze": None,
                              "config": str(cfg_path), "preset_exists": cfg_path.is_file(), "needs": None,
                              "overrides": [*cfg.pretrain_overrides, *size_ov, *top.overrides,
                                            f"seed={seed}", f"out_dir={scratch / pre}"],
@@ -161,11 +216,15 @@ def expand(cfg: StudyConfig, path: str | Path, check: bool = True) -> list[dict]
                         for order in cfg.orders:
                             name = f"{label}-s{seed}-o{order}"
                             grid = [f"train.lr={lr!r}"] if lr is not None else []
+                            an = analysed(cfg, arm_name, lr)
+                            keep = ["analysis.keep_task_checkpoints=true"] if an else []
                             runs.append({"name": name, "label": label, "kind": "continual", "arm": arm_name,
                                          "topology": top_name, "size": size, "seed": seed, "order": order,
                                          "lr": lr, "unit": unit, "config": str(arm_path),
                                          "preset_exists": arm_path.is_file(), "needs": pre,
-                                         "overrides": [*cfg.continual_overrides, *arm.overrides, *grid,
+                                         "analyze": {"stages": list(cfg.analyze.stages),
+                                                     "graft_modes": list(cfg.analyze.graft_modes)} if an else None,
+                                         "overrides": [*cfg.continual_overrides, *arm.overrides, *grid, *keep,
                                                        f"seeds=[{seed}]", f"orders=[{order}]", f"run={label}",
                                                        f"init={scratch / pre}", f"out_dir={scratch / name}"],
                                          "out_dir": str(scratch / name), "cwd": os.getcwd()})
@@ -282,7 +341,8 @@ class Estimator:
 
     @staticmethod
     def group(r: dict) -> tuple:
-        return (r["kind"], r["arm"], r["size"])
+        """Runs that cost alike: kind, arm, size, and whether the analysis stages run after it."""
+        return (r["kind"], r["arm"], r["size"], *(["analysed"] if r.get("analyze") else []))
 
     def add(self, r: dict, rec: dict) -> None:
         self.session[r["name"]] = rec
@@ -310,9 +370,13 @@ def status_line(cfg: StudyConfig, runs: list[dict], done: dict[str, dict], est: 
     left = [r for r in runs if r["name"] not in done]
     rem_cpu = sum(est(r, "cpu_s") for r in left)
     rem_wall = sum(est(r, "wall_s") for r in left) / max(1, cfg.executor.workers)
+    stale = analysis_missing(runs, done)
     return (f"study {cfg.name}: {len(done)}/{len(runs)} runs done (pretraining {d['pretrain']}/{n['pretrain']}, "
             f"continual {d['continual']}/{n['continual']}), CPU time {hours(cpu)} spent, est. remaining "
-            f"{hours(rem_cpu)} CPU (~{hours(rem_wall)} wall on {max(1, cfg.executor.workers)} worker(s))")
+            f"{hours(rem_cpu)} CPU (~{hours(rem_wall)} wall on {max(1, cfg.executor.workers)} worker(s))"
+            + (f"; analysis missing: {len(stale)} committed run(s) without the analysis `analyze:` asks for "
+               f"({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}; the next `topocl study` runs them "
+               "again)" if stale else ""))
 
 
 def print_expansion(cfg: StudyConfig, path: str | Path, runs: list[dict], shard: tuple[int, int]) -> int:
@@ -324,6 +388,7 @@ def print_expansion(cfg: StudyConfig, path: str | Path, runs: list[dict], shard:
         state = "done" if r["name"] in done else ("scratch" if Path(r["out_dir"]).exists() else "todo")
         flag = "" if r["preset_exists"] else "  MISSING PRESET"
         after = f"  [after {r['needs']}]" if r["needs"] else ""
+        after += f"  [then analyze {','.join(r['analyze']['stages'])}]" if r.get("analyze") else ""
         print(f"  {r['name']:<34} {state:<7} topocl {r['kind']} {os.path.relpath(r['config'])} "
               f"{' '.join(r['overrides'])}{after}{flag}")
     print(status_line(cfg, runs, done, Estimator(cfg, done)))

@@ -4,6 +4,8 @@
                                                    run, then the continual runs on it), within the budget
     commit_run(path, run, res)                     a finished run's small artifacts -> studies/<name>/runs/<run>/
     verify_repretrain(path, run, tol)              a re-pretrained checkpoint's summary vs the committed one
+    execute(run, env, echo)                        one run in its slot: the subprocess, then an analysed run's
+                                                   `topocl analyze` (the study's `analyze:` key)
 
 Execution is topocl.sweep_exec.run_local (one subprocess per run; a killed run resumes), with its should_start
 gate for the budget.
@@ -16,16 +18,21 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+import yaml
+
+import topocl.sweep_exec as sweep_exec
 from topocl.checkpoint import write_json_atomic
 from topocl.config import ConfigError
 from topocl.study import (
     RECORD,
     Estimator,
     StudyConfig,
+    analysis_missing,
     committed_dir,
     expand,
     load_study,
@@ -41,12 +48,13 @@ from topocl.study import (
 from topocl.study import (
     __doc__ as study_doc,
 )
-from topocl.sweep_exec import DONE, is_done, run_local
+from topocl.sweep_exec import DONE, LOG, is_done, run_local
 
 KEEP = {"pretrain": ["config.yaml", "meta.json", "summary.json", "metrics.jsonl", "samples.txt"],
         "continual": ["config.yaml", "results.jsonl", "cost.json", "meta.json"]}
 REQUIRED = {"pretrain": ["config.yaml", "summary.json"], "continual": ["config.yaml", "results.jsonl", "cost.json"]}
 SMALL = 2 << 20  # optional files (metrics.jsonl, per-stream logs) are committed only up to this size
+ANALYZED = "ANALYZED.json"  # in an analysed run's scratch folder, after its analysis: stages, modes, cost
 
 
 # ----------------------------------------------------------------------------- committing finished runs
@@ -68,10 +76,15 @@ def commit_run(path: str | Path, run: dict, res: dict) -> dict:
     tmp = dst.with_name(f".{dst.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    names = list(KEEP[run["kind"]])
+    names, required = list(KEEP[run["kind"]]), list(REQUIRED[run["kind"]])
     if run["kind"] == "continual":  # per-stream training logs, when small
         names += [str(f.relative_to(src)) for f in sorted(src.glob("seed*-order*/*.jsonl"))]
-    _copy_small(src, tmp, names, REQUIRED[run["kind"]])
+    analysis = json.loads((src / ANALYZED).read_text()) if run.get("analyze") else None
+    if analysis:  # every stream's stage artifacts, whatever their size
+        found = [str(f.relative_to(src)) for s in analysis["stages"]
+                 for f in sorted(src.glob(f"seed*-order*/analysis/{s}.jsonl"))]
+        names, required = names + found, required + found
+    _copy_small(src, tmp, names, required)
     from topocl.pretrain import git_sha
 
     rec = {k: run[k] for k in ("name", "label", "kind", "arm", "topology", "size", "seed", "order", "lr")}
@@ -79,10 +92,61 @@ def commit_run(path: str | Path, run: dict, res: dict) -> dict:
                overrides=run["overrides"], wall_s=round(res.get("wall_s", 0.0), 2),
                cpu_s=round(res.get("cpu_s", 0.0), 2), host=socket.gethostname(), git_sha=git_sha(),
                finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    if analysis:  # the run's cost includes its analysis
+        rec.update(wall_s=round(rec["wall_s"] + analysis["wall_s"], 2),
+                   cpu_s=round(rec["cpu_s"] + analysis["cpu_s"], 2), analysis=analysis)
     shutil.rmtree(dst, ignore_errors=True)
     os.replace(tmp, dst)
     write_json_atomic(dst / RECORD, rec)
     return rec
+
+
+def _kept_task_checkpoints(out: Path) -> bool:
+    """Whether the continual run started in `out` keeps its task checkpoints (its resolved config.yaml)."""
+    f = out / "config.yaml"
+    return not f.is_file() or bool(((yaml.safe_load(f.read_text()) or {}).get("analysis") or {})
+                                   .get("keep_task_checkpoints"))
+
+
+def analyze_command(run: dict) -> list[str]:
+    an = run["analyze"]
+    return [sys.executable, "-m", "topocl", "analyze", run["out_dir"], "--stages", ",".join(an["stages"]),
+            "--graft-modes", ",".join(an["graft_modes"]), "--no-report"]
+
+
+def execute(run: dict, env: dict[str, str] | None = None, echo: bool = False) -> dict:
+    """One study run in its slot: sweep_exec.execute_run; for a run the `analyze:` key covers, then its
+    analysis subprocess (same environment and log), ANALYZED.json with the stages and the analysis's own wall
+    and CPU seconds (commit_run adds them to the run's cost), and the per-task checkpoints deleted. A scratch
+    run started without its task checkpoints (before `analyze:` asked for them) is started again from
+    nothing, since it can never be analysed; one whose continual part finished is not run again."""
+    out = Path(run["out_dir"])
+    if not run.get("analyze"):
+        return sweep_exec.execute_run(run, env, echo)
+    if out.is_dir() and not _kept_task_checkpoints(out):
+        shutil.rmtree(out)
+    res = json.loads((out / DONE).read_text()) if is_done(out) else sweep_exec.execute_run(run, env, echo)
+    if res["status"] != "done":
+        return res
+    cmd = analyze_command(run)
+    t0 = time.perf_counter()
+    with open(out / LOG, "ab") as f:
+        f.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(cmd)}\n".encode())
+        f.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if echo else f, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})}, cwd=run.get("cwd"))
+        rc, cpu = sweep_exec._wait(proc, f, echo)
+    streams = sorted(out.glob("seed*-order*/"))
+    lacking = [f"{d.name}/analysis/{s}.jsonl" for d in streams for s in run["analyze"]["stages"]
+               if not (d / "analysis" / f"{s}.jsonl").is_file()]
+    if rc != 0 or lacking or not streams:
+        return {**res, "status": "failed", "returncode": rc or -1, "log": str(out / LOG),
+                "error": f"analysis: exit {rc}" + (f", missing {lacking}" if lacking else "")}
+    write_json_atomic(out / ANALYZED, {**run["analyze"], "wall_s": round(time.perf_counter() - t0, 2),
+                                       "cpu_s": round(cpu, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    for d in streams:  # the per-task checkpoints are large and no longer needed
+        shutil.rmtree(d / "checkpoints", ignore_errors=True)
+    return res
 
 
 def checkpoint_ready(run: dict) -> bool:
@@ -119,14 +183,21 @@ def run_study(cfg: StudyConfig, path: str | Path, runs: list[dict], budget_s: fl
     mine = [r for r in runs if r["unit"] in units]
     done = records(path, runs)
     est = Estimator(cfg, done)
+    stale = analysis_missing(mine, done)
+    for name in stale:  # committed before `analyze:` asked for its analysis: its task checkpoints are gone
+        del done[name]
     status = {r["name"]: "done" for r in mine if r["name"] in done}
     for r in mine:  # finished in scratch but not committed (the last session stopped in between)
-        if r["name"] not in done and is_done(Path(r["out_dir"])):
+        out = Path(r["out_dir"])
+        if r["name"] not in done and is_done(out) and (not r.get("analyze") or (out / ANALYZED).is_file()):
             done[r["name"]] = commit_run(path, r, json.loads((Path(r["out_dir"]) / DONE).read_text()))
             status[r["name"]] = "done"
     t0, stop = time.monotonic(), {"budget": False}
     bar = tqdm(total=len(mine), initial=len(status), desc=f"study {cfg.name}", unit="run", dynamic_ncols=True,
                file=sys.stderr)
+    if stale:
+        bar.write(f"analysis missing: {', '.join(stale)} committed without the analysis `analyze:` asks for; "
+                  "run again (with their task checkpoints kept)")
 
     def should_start(run: dict) -> bool:
         if stop["budget"]:
@@ -144,7 +215,8 @@ def run_study(cfg: StudyConfig, path: str | Path, runs: list[dict], budget_s: fl
             return
         if res["status"] != "done":
             status[run["name"]] = "failed"
-            bar.write(f"FAILED {run['name']} (exit {res.get('returncode')}): see {res.get('log')}")
+            why = f", {res['error']}" if "error" in res else ""
+            bar.write(f"FAILED {run['name']} (exit {res.get('returncode')}{why}): see {res.get('log')}")
             return
         if run.get("restore"):  # a re-pretraining for the checkpoint: never overwrites the committed record
             status[run["name"]] = "done"
@@ -174,7 +246,7 @@ def run_study(cfg: StudyConfig, path: str | Path, runs: list[dict], budget_s: fl
                 bar.write(f"{pre['name']}: committed, but its checkpoint is not on this machine: pretraining again "
                           f"into {pre['out_dir']} (checked against the committed summary.json)")
         if wave:
-            run_local(wave, cfg.executor, on_finish, should_start, echo)
+            run_local(wave, cfg.executor, on_finish, should_start, echo, execute)
         batch = []
         for rs in group:
             pre, conts = rs[0], [r for r in rs[1:] if r["name"] not in done]
@@ -194,7 +266,7 @@ def run_study(cfg: StudyConfig, path: str | Path, runs: list[dict], budget_s: fl
                 continue
             batch += conts
         if batch:
-            run_local(batch, cfg.executor, on_finish, should_start, echo)
+            run_local(batch, cfg.executor, on_finish, should_start, echo, execute)
         if stop["budget"]:
             break
     bar.close()

@@ -5,7 +5,9 @@
     report   STUDY_DIR/FINDINGS.md: the question and design (from study.yaml), n (independent pretraining seeds),
              what is finished and what is not, cost (CPU time), the pretraining table (topocl/sweep_report.py) and
              the comparison that topocl.report.write_report produces over every finished continual run (its
-             figures and summary.json go to STUDY_DIR/report/). Unfinished runs are left out and listed.
+             figures and summary.json go to STUDY_DIR/report/). Unfinished runs are left out and listed. With an
+             `analyze:` key, an H3 section: topocl/analysis/evidence.py over the analysed runs' committed
+             graft.jsonl (statistics, 95% t-CIs, n, computed verdicts), and which arms / grid points it covers.
 """
 
 from __future__ import annotations
@@ -15,7 +17,17 @@ import os
 import time
 from pathlib import Path
 
-from topocl.study import Estimator, committed_dir, expand, hours, load_study, records, status_line, study_file
+from topocl.study import (
+    Estimator,
+    analysis_missing,
+    committed_dir,
+    expand,
+    hours,
+    load_study,
+    records,
+    status_line,
+    study_file,
+)
 
 
 def progress_by_label(cfg, runs: list[dict], done: dict[str, dict]) -> dict[str, tuple[list[int], int]]:
@@ -68,7 +80,43 @@ def _progress(cfg, runs: list[dict], done: dict[str, dict]) -> list[str]:
     left = [r["name"] for r in runs if r["name"] not in done]
     listed = ", ".join(f"`{n}`" for n in left) if len(left) <= 40 else "see the table (seeds not listed there)"
     md += ["", f"Not finished ({len(left)}): " + (listed if left else "none") + "."]
+    stale = analysis_missing(runs, done)
+    if stale:
+        md += ["", f"Analysis missing ({len(stale)}): " + ", ".join(f"`{n}`" for n in stale) + " were committed "
+               "before `analyze:` asked for their analysis (their task checkpoints are gone); they are pooled in the "
+               "comparison but not in the H3 evidence, and the next `topocl study` runs them again."]
     return md
+
+
+def _h3(cfg, path: Path, runs: list[dict], done: dict[str, dict]) -> list[str]:
+    """The H3 section: topocl/analysis/evidence.py's grafting statistics (95% t-CIs over replicates, n, verdicts)
+    over the committed analysis artifacts of the runs the study's `analyze:` key covers."""
+    from topocl.analysis.artifacts import artifacts_by_run
+    from topocl.analysis.evidence import evidence, evidence_markdown
+    from topocl.results import read_run_dir, replicate_map
+
+    an = cfg.analyze
+    if not an.arms:
+        return []
+    planned = [r for r in runs if r.get("analyze")]
+    stale = set(analysis_missing(runs, done))
+    have = [r for r in planned if r["name"] in done and r["name"] not in stale]
+    labels = ", ".join(f"`{x}`" for x in dict.fromkeys(r["label"] for r in planned))
+    md = ["## H3 evidence", "",
+          f"Analysed (`analyze:`): arms {', '.join(an.arms)} at "
+          + (f"learning rate {', '.join(f'{x:g}' for x in an.lr)}" if an.lr else "every grid point")
+          + f" (results runs {labels}); stages {', '.join(an.stages)}, graft modes {', '.join(an.graft_modes)}. "
+          f"{len(have)}/{len(planned)} analysed runs are finished with their analysis. H3's statistic uses the "
+          "remove mode only (the group's weights from before task j put into the final model; topocl/analysis/"
+          "graft.py); every role group is grafted, the groups other than slow/fast are shown without a verdict.", ""]
+    if "graft" not in an.stages or "remove" not in an.graft_modes:
+        return md + ["H3 needs the graft stage in mode remove, which `analyze:` does not run: not measured."]
+    if not have:
+        return md + ["No analysed run is finished yet: no H3 evidence."]
+    dirs = [read_run_dir(committed_dir(path, r)) for r in have]
+    ev = evidence([], artifacts_by_run(dirs), replicates=replicate_map(dirs))
+    body = evidence_markdown(ev, ("H3",))[2:]  # below this section's own heading
+    return md + body
 
 
 def _cost(runs: list[dict], done: dict[str, dict]) -> list[str]:
@@ -114,6 +162,7 @@ def write_findings(path: str | Path) -> Path:
     pre = [{**r, "out_dir": str(committed_dir(path, r)), "status": "done" if r["name"] in done else "todo"}
            for r in runs if r["kind"] == "pretrain"]
     md += pretrain_section(pre) + [""]
+    md += _h3(cfg, path, runs, done) + [""]
     cont = [root / "runs" / r["name"] for r in runs if r["kind"] == "continual" and r["name"] in done]
     md += ["## Comparison", ""]
     if not cont:

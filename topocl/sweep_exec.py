@@ -133,10 +133,12 @@ Callback = Callable[[dict, dict], None]
 
 
 def run_local(runs: list[dict], ex: ExecutorConfig, on_finish: Callback,
-              should_start: Callable[[dict], bool] | None = None, echo: bool = False) -> None:
+              should_start: Callable[[dict], bool] | None = None, echo: bool = False,
+              execute: Callable[..., dict] | None = None) -> None:
     """Execute `runs` on parallel local slots; `on_finish(run, result)` is called (serialised) per run.
     `should_start(run)` (serialised), when given, is asked just before a run starts: False leaves it unstarted
-    (on_finish gets status "not started"). `echo`: each run's output goes to stderr too (one slot only)."""
+    (on_finish gets status "not started"). `echo`: each run's output goes to stderr too (one slot only).
+    `execute(run, env, echo=)`: what runs in the slot (default execute_run; topocl study adds its analyses)."""
     envs = slot_envs(ex)
     free = list(range(len(envs)))
     lock = threading.Lock()
@@ -148,7 +150,7 @@ def run_local(runs: list[dict], ex: ExecutorConfig, on_finish: Callback,
                 return
             slot = free.pop()
         try:
-            res = execute_run(run, envs[slot], echo=echo and len(envs) == 1)
+            res = (execute or execute_run)(run, envs[slot], echo=echo and len(envs) == 1)
         except Exception as e:  # noqa: BLE001 - a broken run must not stop the sweep
             res = {"status": "failed", "returncode": -1, "wall_s": 0.0, "log": str(Path(run["out_dir"]) / LOG),
                    "error": repr(e)}

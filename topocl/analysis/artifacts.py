@@ -16,6 +16,7 @@ from topocl.jsonl import append_jsonl, write_jsonl  # noqa: F401  (the artifact 
 
 STREAM_DIR = re.compile(r"^seed(-?\d+)-order(\d+)$")
 STAGES = ("graft", "routing", "sparsity")
+GRAFT_MODES = ("remove", "recover")  # topocl/analysis/graft.py
 
 
 def stream_dirs(run_dir: str | Path) -> list[tuple[int, int, Path]]:

@@ -294,12 +294,12 @@ def _fmt(s: dict) -> str:
     return f"{s['mean']:.3f}"
 
 
-def evidence_markdown(ev: dict) -> list[str]:
-    """The "H1/H2/H3 evidence" section of a report."""
-    md = ["## H1/H2/H3 evidence", "",
+def evidence_markdown(ev: dict, hypotheses: Sequence[str] = ("H1", "H2", "H3")) -> list[str]:
+    """The "H1/H2/H3 evidence" section of a report (of the `hypotheses` named: "## H3 evidence" for ("H3",))."""
+    md = [f"## {'/'.join(hypotheses)} evidence", "",
           f"Each verdict is computed, never written by hand (`topocl/analysis/evidence.py`, docs/protocol.md): "
           f"{ev['rule']}.", ""]
-    for h in ("H1", "H2", "H3"):
+    for h in hypotheses:
         md += [f"### {h}: {ev[h]['statement']}", ""]
         if not ev[h]["runs"]:
             md += ["No run has the artifacts this needs "

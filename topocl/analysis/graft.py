@@ -24,9 +24,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from topocl.analysis.artifacts import GRAFT_MODES
 from topocl.analysis.load import Stream, score_by_group
 
-MODES = ("remove", "recover")
+MODES = GRAFT_MODES
 
 
 def role_names(model: nn.Module, roles: list[str]) -> list[str]:

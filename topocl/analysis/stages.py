@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from topocl.analysis.artifacts import stream_dirs, write_jsonl
+from topocl.analysis.artifacts import GRAFT_MODES, stream_dirs, write_jsonl
 
 
 def analyze_run(run_dir: Path, stages: list[str], device: str = "auto", graft_roles: list[str] | None = None,
-                max_probes: int = 8) -> list[str]:
-    """Run `stages` on every stream of one run directory; returns notes about skipped stages."""
+                max_probes: int = 8, graft_modes: tuple[str, ...] = GRAFT_MODES) -> list[str]:
+    """Run `stages` on every stream of one run directory (grafting in `graft_modes`, topocl/analysis/graft.py);
+    returns notes about skipped stages."""
     from topocl.analysis import graft, routing, sparsity
     from topocl.analysis.load import open_stream
 
@@ -26,7 +27,7 @@ def analyze_run(run_dir: Path, stages: list[str], device: str = "auto", graft_ro
                              "(run with analysis.keep_task_checkpoints=true)")
                 continue
             if stage == "graft":
-                rows = graft.run_graft(st, graft.graft_groups(st.model, graft_roles))
+                rows = graft.run_graft(st, graft.graft_groups(st.model, graft_roles), modes=tuple(graft_modes))
             elif stage == "routing":
                 rows = routing.run_routing(st, max_probes)
             else:
