@@ -70,6 +70,17 @@ def grid_rows(arm: str, points: list[tuple[float, float, float]], reps: int, noi
     return rows, replicates, configs
 
 
+def test_matched_gap_grid_ends_exactly_on_the_overlap_when_rounding_overshoots():
+    """lo + (hi - lo) rounds above hi for some floats (0.00987654 .. 0.02962962); the grid's last point must be
+    hi itself, inside both curves, so every grid point has a ΔF (the study report crashed on None - float)."""
+    lo, hi = 0.009876540000000001, 0.02962962
+    assert lo + (hi - lo) * 20 / 20 > hi  # the float trap this guards
+    a, b = [(lo, 0.1), (0.5, 0.3)], [(0.0, 0.2), (hi, 0.4)]
+    g = matched_gap(a, b)
+    assert g["range"] == (lo, hi) and g["grid"][-1] == hi and all(x <= hi for x in g["grid"])
+    assert len(g["delta"]) == 21 and all(d is not None for d in g["delta"])
+
+
 def test_h2_verdict_at_matched_learning_with_replicates():
     """The sparse arm learns less at each lr; at one lr it forgets 0.2 less, at matched LA only 0.1 less: the
     frontier compares F at the same LA."""
