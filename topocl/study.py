@@ -53,6 +53,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from topocl.analysis.artifacts import GRAFT_MODES, STAGES
 from topocl.config import ConfigError, PretrainConfig, load_config
 from topocl.sweep_exec import ExecutorConfig
 
@@ -78,7 +79,7 @@ class Analyze:
     arms: list[str] = field(default_factory=list)  # continual arms whose runs are analysed
     lr: list[float] = field(default_factory=list)  # their grid points that are; [] = every point
     stages: list[str] = field(default_factory=lambda: ["graft"])  # topocl.analysis.artifacts.STAGES
-    graft_modes: list[str] = field(default_factory=lambda: ["remove", "recover"])  # topocl/analysis/graft.py
+    graft_modes: list[str] = field(default_factory=lambda: list(GRAFT_MODES))  # topocl/analysis/graft.py
 
 
 @dataclass
@@ -152,8 +153,6 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyCon
 
 def check_analyze(cfg: StudyConfig, path: Path) -> None:
     """The `analyze:` key names existing arms, their grid points, known stages and graft modes."""
-    from topocl.analysis.artifacts import GRAFT_MODES, STAGES
-
     an = cfg.analyze
     if not an.arms:
         return

@@ -18,14 +18,14 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
 
-import topocl.sweep_exec as sweep_exec
+import topocl.study
+import topocl.sweep_exec as sweep_exec  # module attribute: tests replace sweep_exec.execute_run
 from topocl.checkpoint import write_json_atomic
 from topocl.config import ConfigError
 from topocl.study import (
@@ -44,9 +44,6 @@ from topocl.study import (
     shard_units,
     status_line,
     study_file,
-)
-from topocl.study import (
-    __doc__ as study_doc,
 )
 from topocl.sweep_exec import DONE, LOG, is_done, run_local
 
@@ -128,14 +125,8 @@ def execute(run: dict, env: dict[str, str] | None = None, echo: bool = False) ->
     res = json.loads((out / DONE).read_text()) if is_done(out) else sweep_exec.execute_run(run, env, echo)
     if res["status"] != "done":
         return res
-    cmd = analyze_command(run)
     t0 = time.perf_counter()
-    with open(out / LOG, "ab") as f:
-        f.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(cmd)}\n".encode())
-        f.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if echo else f, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})}, cwd=run.get("cwd"))
-        rc, cpu = sweep_exec._wait(proc, f, echo)
+    rc, cpu = sweep_exec.run_logged(analyze_command(run), out / LOG, env, echo, run.get("cwd"))
     streams = sorted(out.glob("seed*-order*/"))
     lacking = [f"{d.name}/analysis/{s}.jsonl" for d in streams for s in run["analyze"]["stages"]
                if not (d / "analysis" / f"{s}.jsonl").is_file()]
@@ -281,7 +272,7 @@ def cli(argv: list[str]) -> int:
         from topocl.study_report import cli as sub
 
         return sub(argv)
-    ap = argparse.ArgumentParser(prog="topocl study", description=study_doc,
+    ap = argparse.ArgumentParser(prog="topocl study", description=topocl.study.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("study", help="study file (studies/<name>/study.yaml) or its folder")
     ap.add_argument("overrides", nargs="*", help="study keys, e.g. seeds=[0,1] executor.workers=2")

@@ -87,19 +87,25 @@ def _wait(proc: subprocess.Popen, f, echo: bool) -> tuple[int, float]:
     return proc.returncode, usage.ru_utime + usage.ru_stime
 
 
+def run_logged(cmd: list[str], log: Path, env: dict[str, str] | None = None, echo: bool = False,
+               cwd: str | None = None) -> tuple[int, float]:
+    """Run `cmd` to completion, appending a timestamped command line and its output to `log` (and to stderr with
+    `echo`); returns (exit code, CPU seconds of the child and its waited-for children)."""
+    with open(log, "ab") as f:
+        f.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(cmd)}\n".encode())
+        f.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if echo else f, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})}, cwd=cwd)
+        return _wait(proc, f, echo)
+
+
 def execute_run(run: dict, env: dict[str, str] | None = None, echo: bool = False) -> dict:
     """Run one sweep run to completion in a subprocess; returns {status, returncode, wall_s, cpu_s, log}."""
     out = Path(run["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
     log = out / LOG
-    cmd = command(run)
     t0 = time.perf_counter()
-    with open(log, "ab") as f:
-        f.write(f"# {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(cmd)}\n".encode())
-        f.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if echo else f, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})}, cwd=run.get("cwd"))
-        rc, cpu = _wait(proc, f, echo)
+    rc, cpu = run_logged(command(run), log, env, echo, run.get("cwd"))
     res = {"status": "done" if rc == 0 else "failed", "returncode": rc, "wall_s": time.perf_counter() - t0,
            "cpu_s": cpu, "log": str(log)}
     if rc == 0:

@@ -82,9 +82,8 @@ def matched_gap(a: Curve, b: Curve, n_grid: int = N_GRID) -> dict:
     if rng is None:
         return {"range": None, "grid": [], "delta": [], "mean": math.nan}
     lo, hi = rng
-    # the last point is hi itself: lo + (hi - lo) can round past hi (0.35 + 0.47 = 0.8199999999999998 < 0.82 is
-    # fine, the other direction is not), and interp refuses anything outside a curve
-    grid = [lo] if hi == lo else [min(hi, lo + (hi - lo) * i / (n_grid - 1)) for i in range(n_grid - 1)] + [hi]
+    # the last point is hi itself: lo + (hi - lo) can round past hi, and interp refuses anything outside a curve
+    grid = [lo] if hi == lo else [lo + (hi - lo) * i / (n_grid - 1) for i in range(n_grid - 1)] + [hi]
     delta = [interp(a, x) - interp(b, x) for x in grid]
     return {"range": rng, "grid": grid, "delta": delta, "mean": sum(delta) / len(delta)}
 
