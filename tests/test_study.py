@@ -16,6 +16,7 @@ from topocl.analysis.artifacts import run_artifacts
 from topocl.cli import main
 from topocl.config import ConfigError
 from topocl.study import (
+    RECORD,
     Estimator,
     committed_dir,
     expand,
@@ -329,3 +330,23 @@ def test_pretrain_from_shares_the_other_studys_pretraining(tmp_path):
     with pytest.raises(ConfigError, match="same preset and overrides"):
         expand(load_study(second), second)
 
+
+
+def test_committed_run_artifacts_are_not_gitignored():
+    """A finished run's artifacts must reach the repository: an ignore rule such as `runs/` (meant for the
+    root scratch folder) once matched studies/<name>/runs/ too, so no run of any study was ever committed."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    cfg = load_study(root / "studies" / "window-breaking-tiny" / "study.yaml")
+    run = expand(cfg, root / "studies" / "window-breaking-tiny" / "study.yaml")[0]
+    paths = [committed_dir(root / "studies" / "window-breaking-tiny", run) / name
+             for name in (RECORD, "summary.json", "seed0-order0/results.jsonl", "analysis/graft.jsonl")]
+    rel = [str(p.relative_to(root)) for p in paths]
+    out = subprocess.run(["git", "check-ignore", "--no-index", *rel], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 1 and not out.stdout.strip(), f"ignored by git: {out.stdout}"
+    scratch = subprocess.run(["git", "check-ignore", "--no-index", "runs/studies/x/pre-dense-s0/model.safetensors"],
+                             cwd=root, capture_output=True, text=True)
+    assert scratch.returncode == 0  # the scratch folder (checkpoints) stays out
