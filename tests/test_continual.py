@@ -90,3 +90,32 @@ def test_lora_arm_trains_only_adapters(pretrained, tmp_path):
 def test_bad_init_is_a_clear_error(tmp_path, capsys):
     assert continual(tmp_path / "missing", tmp_path / "z") == 1
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_campaign_rows_split_headline_probes_into_facts_and_rules(pretrained, tmp_path):
+    """acc:fact / acc:rule score the headline (unseen-frame) probes of one type; a rule's session is the only
+    task with acc:rule rows, and the two types partition the headline probes (their accuracies, weighted by
+    probe counts, give the headline acc)."""
+    from topocl.tasks.streams import build_stream
+
+    opts = ["stream=campaign", "stream_options={sessions: 3, facts_per_session: 2, texts_per_task: 4, changes: 0, "
+            "rules: 1}", "train.steps=2", "train.batch_size=4", "base_rows=8"]
+    assert main(["continual", str(ROOT / "configs/continual/tiny-dense-vanilla.yaml"), f"init={pretrained}",
+                 f"out_dir={tmp_path / 'c'}", *opts]) == 0
+    rows = [r for r in load_rows(tmp_path / "c") if r["after_task"] == 2]
+    by = {(r["eval_task"], r["metric"]): r["value"] for r in rows if r["kind"] == "retain"}
+    rule_tasks = {t for t, m in by if m == "acc:rule"}
+    assert len(rule_tasks) == 1 and all((t, "acc:fact") in by for t in range(3))
+    tasks = build_stream("campaign", {"sessions": 3, "facts_per_session": 2, "texts_per_task": 4, "changes": 0,
+                                      "rules": 1})
+    for t, task in enumerate(tasks):
+        head = [p for p in task.probes if p.kind == "retain" and p.tags.get("paraphrase") != "seen"]
+        n = {k: sum(p.tags["type"] == k for p in head) for k in ("fact", "rule")}
+        assert (n["rule"] > 0) == (t in rule_tasks)
+        mixed = sum(by.get((t, f"acc:{k}"), 0.0) * n[k] for k in n) / sum(n.values())
+        assert abs(mixed - by[(t, "acc")]) < 1e-9
+    from topocl.report import write_report
+
+    md = write_report([tmp_path / "c"], tmp_path / "report").read_text()
+    assert "## By probe type" in md and "| dense-vanilla | rule | 1.0 |" in md
+    assert (tmp_path / "report" / "retention_by_delay_rule.png").stat().st_size > 10_000

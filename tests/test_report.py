@@ -104,3 +104,25 @@ def test_fmt_and_no_torch():
     assert fmt({"mean": 0.5, "ci_low": 0.5, "ci_high": 0.5, "n": 1}) == "0.500" and fmt(None) == "–"
     code = "import sys, topocl.report, topocl.results, topocl.metrics, topocl.plots; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0, "reports must not import torch"
+
+
+def test_type_block_is_the_worked_example():
+    """One rule taught by task 1 of 3 (the other columns NaN), two replicates, by hand:
+    seed 0: the rule column reads 0, 0, 1, .5 (rows after task -1..2): LA 1, final .5, F 1 - .5 = .5, d1 .5;
+    seed 1: 0, 0, .5, .5: LA .5, final .5, F 0, d1 .5. Means: LA .75, ACC .5, F .25; delay 2 has no cell."""
+    from topocl.report import _by_type
+    from topocl.results import type_block
+
+    nan = float("nan")
+
+    def R(col):
+        return [[nan, v, nan] for v in col]
+
+    mats = {(0, 0): R([0.0, 0.0, 1.0, 0.5]), (1, 0): R([0.0, 0.0, 0.5, 0.5])}
+    b = type_block(mats, {(0, 0): 0, (1, 0): 1})
+    assert b["learning_acc"]["mean"] == pytest.approx(0.75) and b["learning_acc"]["n"] == 2
+    assert b["acc"]["mean"] == pytest.approx(0.5) and b["forgetting_chaudhry"]["mean"] == pytest.approx(0.25)
+    assert sorted(b["retention_by_delay"]) == [0, 1] and b["retention_by_delay"][1]["mean"] == pytest.approx(0.5)
+    assert b["tasks"] == 1.0
+    md = "\n".join(_by_type({"arm": {"by_type": {"rule": b}}}))
+    assert "| arm | rule | 1.0 | 0.750 [" in md and "recall at delay 1" in md

@@ -9,7 +9,8 @@ probes and held-out base bits/byte) after it, appending tidy rows to results.jso
 eval_task is the probe's task position in this run's training order (-1 for base knowledge); the stream
 labels retain / update for that order (topocl.tasks.streams.build_stream). Metric `acc` (and acc_sum, em,
 nll) is the headline: probes in no shortcut group; `acc@seen`, `acc@binary`, `acc@retaught` and `acc@all`
-score those groups and every probe (topocl.tasks.base.probe_groups). The
+score those groups and every probe (topocl.tasks.base.probe_groups); `acc:TYPE` scores the headline probes
+of one content type where a stream tags them (tags["type"]: campaign `fact` / `rule`). The
 three axes compose: `adapter` (none | lora), `strategies` (vanilla, ewc, replay, dream; e.g.
 [ewc, replay]) and the ACFT role policy `train.roles` (lr_scale, weight_decay, anchor). Reference
 runs: `reference=joint` (for task j, train the initial model on tasks 0..j together) and
@@ -175,9 +176,12 @@ class Evaluator:
             scores = score_probes(model, self.tok, self.probes, device=self.device)
         groups: dict[tuple[int, str, str], list] = {}  # (task, kind, "" = headline | @group) -> scores
         for owner, p, s in zip(self.owner, self.probes, scores):
-            for g in [f"@{g}" for g in probe_groups(p)] or [""]:
+            shortcut = probe_groups(p)
+            for g in [f"@{g}" for g in shortcut] or [""]:
                 groups.setdefault((owner, s.kind, g), []).append(s)
             groups.setdefault((owner, s.kind, "@all"), []).append(s)
+            if not shortcut and "type" in p.tags:  # headline probes by content type, e.g. campaign fact / rule
+                groups.setdefault((owner, s.kind, f":{p.tags['type']}"), []).append(s)
         rows = []
         for (owner, kind, g), ss in sorted(groups.items()):
             metrics = [("acc", [s.correct for s in ss])]

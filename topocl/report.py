@@ -117,6 +117,29 @@ def _tables(summary: dict, setups: dict, joint: str | None, baseline: str | None
                   f"{arrow.get('bpb', '–')} |")
     md += ["", "Stale = the overwritten (old) answer is still the model's preferred candidate after the stream "
            "(update probes are graded on the old answer, so a low final score means the update took)."]
+    return md + _by_type(summary)
+
+
+def _by_type(summary: dict) -> list[str]:
+    """Retain probes split by content type where the stream tags one (campaign: facts vs world rules)."""
+    types = sorted({t for s in summary.values() for t in s.get("by_type", {})})
+    if not types:
+        return []
+    delays = sorted({d for s in summary.values() for b in s.get("by_type", {}).values()
+                     for d in b["retention_by_delay"]}, key=int)
+    show = [d for d in delays if int(d) > 0][:: max(1, len(delays) // 4)][:4]
+    md = ["", "## By probe type (headline retain probes)", "",
+          "| run | type | tasks with it | LA ↑ | ACC (final) ↑ | F Chaudhry ↓ | " + " | ".join(
+              f"recall at delay {d}" for d in show) + " |", "|" + "---|" * (6 + len(show))]
+    for run, s in summary.items():
+        for t in types:
+            if b := s.get("by_type", {}).get(t):
+                md.append(f"| {run} | {t} | {b['tasks']:.1f} | {fmt(b['learning_acc'])} | {fmt(b['acc'])} | "
+                          f"{fmt(b['forgetting_chaudhry'])} | "
+                          + " | ".join(fmt(b["retention_by_delay"].get(d)) for d in show) + " |")
+    md += ["", "Each type's accuracy matrix keeps only the tasks that teach it (campaign: every session teaches "
+           "facts, each world rule is taught by one session only, so rule figures rest on few probes). Recall at "
+           "delay d = mean score on a task d tasks after it was learned (mean [95% t-CI] over the units)."]
     return md
 
 
@@ -232,6 +255,16 @@ def write_report(run_dirs: list[Path], out: Path, baseline: str | None = None, j
     md += ["", "## Figures", ""]
     for name, title in plots.render_all(summary, matrices(rows, "retain", "acc"), out):
         md.append(f"### {title}\n\n![{title}]({name})\n")
+    for t in sorted({t for s in summary.values() for t in s.get("by_type", {})}):
+        rbd = {run: b["retention_by_delay"] for run, s in summary.items() if (b := s.get("by_type", {}).get(t))}
+        d_max = max(int(d) for v in rbd.values() for d in v)
+        series = {run: [v[d]["mean"] if d in v else float("nan") for d in range(d_max + 1)] for run, v in rbd.items()}
+        bands = {run: [[v[d]["ci_low"], v[d]["ci_high"]] if d in v else [float("nan")] * 2 for d in range(d_max + 1)]
+                 for run, v in rbd.items()}
+        title = f"Retention vs delay: {t} probes (95% CI band)"
+        plots.lines(series, out / f"retention_by_delay_{t}.png", "delay d (tasks trained since it was learned)",
+                    f"mean retain accuracy ({t})", title, bands=bands)
+        md.append(f"### {title}\n\n![{title}](retention_by_delay_{t}.png)\n")
     (out / "report.md").write_text("\n".join(md).rstrip("\n") + "\n")
     (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=1))
     return out / "report.md"

@@ -295,6 +295,22 @@ def _block(mats: dict[tuple[int, int], list[list[float]]], reps: dict) -> dict:
     return block
 
 
+TYPE_SCALARS = ("learning_acc", "acc", "forgetting_chaudhry")
+
+
+def type_block(mats: dict[tuple[int, int], list[list[float]]], reps: dict) -> dict:
+    """LA, final ACC, F (Chaudhry) and retention by delay of one probe type's matrices (metric `acc:TYPE`). A
+    task that teaches nothing of the type is a NaN column, skipped by every metric (campaign: each world rule is
+    taught in one session only); `tasks` counts the columns that have the type (per stream, the mean); delays
+    no stream has are left out."""
+    block = {name: unit_stats({k: M.SCALARS[name](R) for k, R in mats.items()}, reps) for name in TYPE_SCALARS}
+    delays = {k: M.retention_by_delay(R) for k, R in mats.items()}
+    rbd = {d: unit_stats({k: x[d] for k, x in delays.items()}, reps) for d in next(iter(delays.values()))}
+    block["retention_by_delay"] = {d: st for d, st in rbd.items() if st["n"]}
+    block["tasks"] = M.nanmean(sum(not math.isnan(v) for v in R[-1]) for R in mats.values())
+    return block
+
+
 def _joint_for(joint: dict[tuple, list], seed: int, order: int) -> list[list[float]] | None:
     """The joint reference with the same seed and order, else the mean over seeds with the same order."""
     if (seed, order) in joint:
@@ -320,6 +336,8 @@ def summarize(rows: list[dict], joint_run: str | None = None, baseline_run: str 
         baseline's, and crossover_ci: its 95% bootstrap interval over units ([low, high], None = never)
       For update probes `acc` is the stale-answer rate (old answer still preferred after the overwrite);
       their forgetting_* values are overwrite rates, so higher means updated.
+    by_type, per probe type a stream tags (metric `acc:TYPE`, e.g. campaign fact / rule; retain probes):
+        type_block (learning_acc, acc, forgetting_chaudhry, retention_by_delay, tasks).
     base, per metric present (acc, em, nll, bpb): base_ability {curve (mean per after_task -1, 0, ...),
         initial, final, change (stats)}.
     Stats "values" are ordered by unit (listed in "units")."""
@@ -350,6 +368,11 @@ def summarize(rows: list[dict], joint_run: str | None = None, baseline_run: str 
                             if J is not None and len(J) == len(R)}
                     if vals:
                         block["intransigence"] = unit_stats(vals, reps)
+        for metric in sorted({r["metric"] for r in mine if r["kind"] == "retain" and r["metric"].startswith("acc:")}):
+            Rs = {(k[1], k[2]): R for k, R in matrices(mine, "retain", metric).items()}
+            keep = {k: R for k, R in Rs.items() if finished(R)}  # NaN columns allowed: see type_block
+            if keep and len({len(R) for R in keep.values()}) == 1:
+                s.setdefault("by_type", {})[metric.split(":", 1)[1]] = type_block(keep, reps)
         for metric in sorted({r["metric"] for r in mine if r["kind"] == "base"}):
             bc = {(k[1], k[2]): c for k, c in base_curves(mine, metric).items()}
             n = min(len(c) for c in bc.values())
