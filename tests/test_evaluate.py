@@ -249,3 +249,36 @@ def test_one_token_candidates_sharing_the_prompt_score_as_full_sequences():
         assert s.answer_logprob == pytest.approx(direct[a][0], abs=1e-4) and s.em == direct[a][1]
         assert s.margin == pytest.approx(means[a] - max(m for j, m in enumerate(means) if j != a), abs=1e-4)
         assert s.best == p.candidates[max(range(len(means)), key=means.__getitem__)]
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_shared_prefix_through_the_kv_cache_equals_the_whole_forward(monkeypatch, split):
+    """Probes that all follow one long story (the arena's recall proxy) run the story once and the questions on
+    copies of its KV cache: the same scores as the whole-sequence forward, on a tiny Llama and on the same
+    Llama after the surgery head split (the arena's surgery learner)."""
+    transformers = pytest.importorskip("transformers")
+    import topocl.evaluate as ev
+
+    cfg = transformers.LlamaConfig(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    if split:
+        from topocl.surgery import HeadSplitConfig, apply_head_split
+
+        apply_head_split(model, HeadSplitConfig(topk=2))
+    tok = WordTok()
+    story = " ".join(f"w{i % 37}" for i in range(90))
+    probes = [Probe(f"{story} who holds the sword", " tom", [" tom", " ann", " the old king"], id="a"),
+              Probe(f"{story} where is it kept", " farm", [" farm", " inn"], id="b"),
+              Probe(f"{story} on which night", " first", [" first", " second night", " third"], id="c")]
+    used = []
+    real = ev._cached_prefix
+    monkeypatch.setattr(ev, "_cached_prefix", lambda *a: used.append(real(*a)) or used[-1])
+    fast = score_probes(model, tok, probes, device="cpu")
+    assert used and all(n >= ev.SHARED_PREFIX_MIN for n in used)  # the cached path ran
+    ref = score_probes(model, tok, probes, device="cpu", share_prefix=False)
+    for f, r in zip(fast, ref):
+        assert f.answer_logprob == pytest.approx(r.answer_logprob, abs=1e-4)
+        assert f.margin == pytest.approx(r.margin, abs=1e-4) and f.margin_sum == pytest.approx(r.margin_sum, abs=1e-4)
+        assert f.best == r.best and f.em == r.em

@@ -133,12 +133,35 @@ def _encode_probes(tok, probes: list[Probe], max_len: int) -> tuple[list[list[in
     return seqs, cands
 
 
+SHARED_PREFIX_MIN = 64  # tokens: below this a chunk's common prefix is not worth a cached forward
+
+
+def _cached_prefix(model: nn.Module, seqs: list[list[int]], first_site: int) -> int:
+    """Tokens of the chunk's common prefix to run once through a Hugging Face model's KV cache (0 = run the
+    chunk whole): the longest common prefix of its sequences, cut so every candidate site (the first at
+    `first_site`) lies after it; 0 for a single sequence, a short prefix, or a model without a KV cache
+    (TopoCL's own GPT)."""
+    if len(seqs) < 2 or not callable(getattr(model, "prepare_inputs_for_generation", None)):
+        return 0
+    n = min(min(len(q) for q in seqs), first_site)
+    for i in range(n):
+        t = seqs[0][i]
+        if any(q[i] != t for q in seqs[1:]):
+            n = i
+            break
+    return n if n >= SHARED_PREFIX_MIN else 0
+
+
 @torch.no_grad()
 def score_probes(model: nn.Module, tokenizer, probes: list[Probe], *, batch_size: int = 64,
-                 device: torch.device | str | None = None, exact_match: bool = True) -> list[ProbeScore]:
+                 device: torch.device | str | None = None, exact_match: bool = True,
+                 share_prefix: bool = True) -> list[ProbeScore]:
     """Score every probe: the sequences of many probes go through one padded forward per chunk of
     `batch_size` sequences (sorted by length, so chunks carry little padding); log-probabilities are taken
-    only at the candidate-token sites (S of them in a chunk)."""
+    only at the candidate-token sites (S of them in a chunk). On a Hugging Face model a chunk whose sequences
+    share a long prefix (the arena's probes all follow the story so far) runs that prefix once and the
+    suffixes on copies of its KV cache (`share_prefix`; the same numbers as the whole forward up to float
+    rounding, tests/test_evaluate.py)."""
     tok = as_tokenizer(tokenizer)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
@@ -163,7 +186,14 @@ def score_probes(model: nn.Module, tokenizer, probes: list[Probe], *, batch_size
                 t0, toks = cands[k][2], cands[k][3]
                 sites += [(r, t0 + j, t, k) for j, t in enumerate(toks)]
         row, pos, tgt, cand = torch.tensor(sites).T  # [S] each
-        logits = model(idx.to(device)).logits  # [B, W, V]: position t predicts idx[:, t+1]
+        lead = _cached_prefix(model, [seqs[q] for q in chunk], int(pos.min())) if share_prefix else 0
+        if lead:  # the chunk's common prefix once, its suffixes on a copy of its KV cache per row
+            cache = model(idx[:1, :lead].to(device), use_cache=True).past_key_values
+            cache.batch_repeat_interleave(len(chunk))
+            logits = model(idx[:, lead:].to(device), past_key_values=cache, use_cache=True).logits  # [B, W-lead, V]
+            pos = pos - lead
+        else:
+            logits = model(idx.to(device)).logits  # [B, W, V]: position t predicts idx[:, t+1]
         at = logits[row.to(device), pos.to(device)].float()  # [S, V]
         tgt = tgt.to(device)
         site_lp = at.gather(-1, tgt[:, None]).squeeze(-1) - torch.logsumexp(at, dim=-1)  # [S]
