@@ -124,5 +124,22 @@ def test_type_block_is_the_worked_example():
     assert b["acc"]["mean"] == pytest.approx(0.5) and b["forgetting_chaudhry"]["mean"] == pytest.approx(0.25)
     assert sorted(b["retention_by_delay"]) == [0, 1] and b["retention_by_delay"][1]["mean"] == pytest.approx(0.5)
     assert b["tasks"] == 1.0
-    md = "\n".join(_by_type({"arm": {"by_type": {"rule": b}}}))
+    md = "\n".join(_by_type({"arm": {"by_type": {"rule": b}}}, [], {}, None, []))
     assert "| arm | rule | 1.0 | 0.750 [" in md and "recall at delay 1" in md
+
+
+def test_type_delta_f_at_matched_la_is_the_worked_example():
+    """Two tasks, a rule taught by task 0 only (task 1's rule column is NaN). Baseline grid: (LA, final) =
+    (.4, .2), (.8, .4), so F = .5 LA; the arm: (.4, .3), (.8, .6), F = .25 LA. On the matched range [.4, .8]
+    ΔF = mean of -.25 LA = -.25 x .6 = -.15."""
+    from topocl.report import _by_type
+    from topocl.results import summarize
+
+    rows = []
+    for run, la, final in (("base-lr0.1", .4, .2), ("base-lr0.2", .8, .4), ("arm-lr0.1", .4, .3), ("arm-lr0.2", .8, .6)):
+        for after, v in ((-1, 0.0), (0, la), (1, final)):
+            key = {"run": run, "seed": 0, "order": 0, "after_task": after, "step": after + 1, "kind": "retain"}
+            rows += [{**key, "eval_task": 0, "metric": m, "value": v} for m in ("acc", "acc:rule")]
+            rows.append({**key, "eval_task": 1, "metric": "acc", "value": 0.5})
+    md = "\n".join(_by_type(summarize(rows), rows, {}, "base-lr0.1", []))
+    assert "| arm | rule | [0.400, 0.800] | -0.150 | 1 |" in md

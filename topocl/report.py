@@ -117,11 +117,15 @@ def _tables(summary: dict, setups: dict, joint: str | None, baseline: str | None
                   f"{arrow.get('bpb', '–')} |")
     md += ["", "Stale = the overwritten (old) answer is still the model's preferred candidate after the stream "
            "(update probes are graded on the old answer, so a low final score means the update took)."]
-    return md + _by_type(summary)
+    return md
 
 
-def _by_type(summary: dict) -> list[str]:
-    """Retain probes split by content type where the stream tags one (campaign: facts vs world rules)."""
+def _by_type(summary: dict, rows: list[dict], replicates: dict, baseline: str | None,
+             references: list[str]) -> list[str]:
+    """Retain probes split by content type where the stream tags one (campaign: facts vs world rules), and per
+    type ΔF at matched LA against the baseline arm (the frontier of that type's matrices; no verdict)."""
+    from topocl.analysis.frontier import arm_of, frontiers, matched_delta
+
     types = sorted({t for s in summary.values() for t in s.get("by_type", {})})
     if not types:
         return []
@@ -140,6 +144,21 @@ def _by_type(summary: dict) -> list[str]:
     md += ["", "Each type's accuracy matrix keeps only the tasks that teach it (campaign: every session teaches "
            "facts, each world rule is taught by one session only, so rule figures rest on few probes). Recall at "
            "delay d = mean score on a task d tasks after it was learned (mean [95% t-CI] over the units)."]
+    base_arm = arm_of(baseline) if baseline else None
+    if not base_arm:
+        return md
+    md += ["", f"ΔF at matched LA vs `{base_arm}`, per probe type (each type's own frontier; paired per unit as in the "
+           "frontier section; no verdict: not one of the protocol's hypotheses):", "",
+           "| arm | type | matched LA range | ΔF per unit, mean [95% t-CI] | n |", "|---|---|---|---|---|"]
+    for t in types:
+        fr = frontiers(rows, replicates, exclude=references, metric=f"acc:{t}")
+        for arm, pts in fr.items():
+            if arm == base_arm or base_arm not in fr:
+                continue
+            d = matched_delta(pts, fr[base_arm])
+            rng = d["pooled"]["range"]
+            span = "no overlap (not extrapolated)" if rng is None else f"[{rng[0]:.3f}, {rng[1]:.3f}]"
+            md.append(f"| {arm} | {t} | {span} | {fmt(d['stats'])} | {d['stats']['n']} |")
     return md
 
 
@@ -232,6 +251,7 @@ def write_report(run_dirs: list[Path], out: Path, baseline: str | None = None, j
           "ONE pretrained model (the mean alone for one unit). Protocol: docs/protocol.md; definitions: "
           "`topocl/metrics.py`; every number is also in summary.json.", ""]
     md += _tables(summary, setups, joint, baseline)
+    md += _by_type(summary, rows, replicates, baseline, sorted({*refs, *([joint] if joint else [])}))
     md += _frontier(rows, summary, replicates, {n: d["config"] for n, d in by_run.items()}, out, baseline,
                     sorted({*refs, *([joint] if joint else [])}))
     md += _evidence(dirs, rows, out, baseline, joint)

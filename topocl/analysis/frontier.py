@@ -91,11 +91,14 @@ def matched_gap(a: Curve, b: Curve, n_grid: int = N_GRID) -> dict:
 # ----------------------------------------------------------------------------- from results rows
 
 
-def run_points(rows: list[dict], run: str, replicates: dict[tuple, object] | None = None) -> dict:
+def run_points(rows: list[dict], run: str, replicates: dict[tuple, object] | None = None,
+               metric: str = "acc") -> dict:
     """One run's frontier point: {"run", "LA": stats, "F": stats, "units": {unit: (LA, F)}} over its complete
-    retain-accuracy matrices (streams nested in a replicate averaged first)."""
-    mats = {(s, o): R for (r, s, o), R in matrices(rows, "retain", "acc").items()
-            if r == run and len(R) == len(R[0]) + 1 and not any(math.isnan(v) for row in R for v in row)}
+    retain-accuracy matrices (streams nested in a replicate averaged first). A probe-type metric (`acc:TYPE`,
+    topocl.results.type_block) takes finished matrices: a task without probes of the type is a NaN column."""
+    typed = metric.startswith("acc:")
+    mats = {(s, o): R for (r, s, o), R in matrices(rows, "retain", metric).items()
+            if r == run and len(R) == len(R[0]) + 1 and (typed or not any(math.isnan(v) for row in R for v in row))}
     reps = {k: (replicates or {}).get((run, *k)) for k in mats}
     la = by_unit({k: M.learning_acc(R) for k, R in mats.items()}, reps)
     f = by_unit({k: M.forgetting_chaudhry(R) for k, R in mats.items()}, reps)
@@ -104,11 +107,11 @@ def run_points(rows: list[dict], run: str, replicates: dict[tuple, object] | Non
 
 
 def frontiers(rows: list[dict], replicates: dict[tuple, object] | None = None,
-              exclude: Sequence[str] = ()) -> dict[str, list[dict]]:
+              exclude: Sequence[str] = (), metric: str = "acc") -> dict[str, list[dict]]:
     """arm -> its runs' points, ordered by mean LA (runs named in `exclude`, e.g. the joint reference, left out)."""
     out: dict[str, list[dict]] = {}
     for run in sorted({r["run"] for r in rows} - set(exclude)):
-        p = run_points(rows, run, replicates)
+        p = run_points(rows, run, replicates, metric)
         if p["units"]:
             out.setdefault(arm_of(run), []).append(p)
     return {a: sorted(ps, key=lambda p: (p["LA"]["mean"], p["run"])) for a, ps in out.items()}
