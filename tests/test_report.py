@@ -136,7 +136,8 @@ def test_type_delta_f_at_matched_la_is_the_worked_example():
     from topocl.results import summarize
 
     rows = []
-    for run, la, final in (("base-lr0.1", .4, .2), ("base-lr0.2", .8, .4), ("arm-lr0.1", .4, .3), ("arm-lr0.2", .8, .6)):
+    grid = (("base-lr0.1", .4, .2), ("base-lr0.2", .8, .4), ("arm-lr0.1", .4, .3), ("arm-lr0.2", .8, .6))
+    for run, la, final in grid:
         for after, v in ((-1, 0.0), (0, la), (1, final)):
             key = {"run": run, "seed": 0, "order": 0, "after_task": after, "step": after + 1, "kind": "retain"}
             rows += [{**key, "eval_task": 0, "metric": m, "value": v} for m in ("acc", "acc:rule")]
