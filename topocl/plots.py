@@ -105,6 +105,17 @@ def lines(series: dict[str, list[float]], path: Path, xlabel: str, ylabel: str, 
     plt.close(fig)
 
 
+def retention_lines(rbd: dict[str, dict[int, dict]], path: Path, ylabel: str, title: str) -> None:
+    """Retention vs delay, one line per run with its 95% CI band; run -> {delay d: stats}. A delay a run has no
+    cell for (a probe type no task taught that long ago) is a gap in its line."""
+    span = range(max(int(d) for v in rbd.values() for d in v) + 1)
+    nan = float("nan")
+    lines({r: [v[d]["mean"] if d in v else nan for d in span] for r, v in rbd.items()}, path,
+          "delay d (tasks trained since the task was learned)", ylabel, title,
+          bands={r: [[v[d]["ci_low"], v[d]["ci_high"]] if d in v else [nan, nan] for d in span]
+                 for r, v in rbd.items()})
+
+
 def render_all(summary: dict, mats: dict[tuple, list[list[float]]], out: Path) -> list[tuple[str, str]]:
     """Write every figure the data supports; returns (file name, title) pairs in report order."""
     figs = []
@@ -124,11 +135,8 @@ def render_all(summary: dict, mats: dict[tuple, list[list[float]]], out: Path) -
               "mean retain accuracy on tasks seen so far", "Average accuracy on seen tasks A_k (95% CI band)", x0=1,
               bands={r: b["avg_acc_curve_ci"] for r, b in blocks.items()})
         figs.append(("seen_accuracy.png", "Average accuracy on seen tasks vs tasks trained, all runs"))
-        rbd = {r: [b["retention_by_delay"][d] for d in sorted(b["retention_by_delay"])] for r, b in blocks.items()}
-        lines({r: [x["mean"] for x in v] for r, v in rbd.items()}, out / "retention_by_delay.png",
-              "delay d (tasks trained since the task was learned)", "mean retain accuracy",
-              "Retention vs delay (95% CI band)", bands={r: [[x["ci_low"], x["ci_high"]] for x in v]
-                                                         for r, v in rbd.items()})
+        retention_lines({r: b["retention_by_delay"] for r, b in blocks.items()}, out / "retention_by_delay.png",
+                        "mean retain accuracy", "Retention vs delay (95% CI band)")
         figs.append(("retention_by_delay.png", "Retention vs delay"))
     present = {m for s in summary.values() for m in s.get("base", {})}
     for metric in [m for m in ("acc", "bpb") if m in present] or sorted(present):  # the rest is in summary.json
@@ -138,6 +146,11 @@ def render_all(summary: dict, mats: dict[tuple, list[list[float]]], out: Path) -
         lines(curves, out / f"base_{metric}.png", "after task (-1 = before continual training)", label,
               f"Base ability: {label}", x0=-1)
         figs.append((f"base_{metric}.png", f"Base ability over tasks: {label}"))
+    for t in sorted({t for s in summary.values() for t in s.get("by_type", {})}):  # results.type_block
+        title = f"Retention vs delay: {t} probes (95% CI band)"
+        retention_lines({r: b["retention_by_delay"] for r, s in summary.items() if (b := s.get("by_type", {}).get(t))},
+                        out / f"retention_by_delay_{t}.png", f"mean retain accuracy ({t})", title)
+        figs.append((f"retention_by_delay_{t}.png", title))
     return figs
 
 

@@ -250,10 +250,11 @@ def write_report(run_dirs: list[Path], out: Path, baseline: str | None = None, j
           "orders nested in it are averaged first); without replicate information the units are the streams of "
           "ONE pretrained model (the mean alone for one unit). Protocol: docs/protocol.md; definitions: "
           "`topocl/metrics.py`; every number is also in summary.json.", ""]
+    references = sorted({*refs, *([joint] if joint else [])})  # joint / single reference runs: no arm
     md += _tables(summary, setups, joint, baseline)
-    md += _by_type(summary, rows, replicates, baseline, sorted({*refs, *([joint] if joint else [])}))
+    md += _by_type(summary, rows, replicates, baseline, references)
     md += _frontier(rows, summary, replicates, {n: d["config"] for n, d in by_run.items()}, out, baseline,
-                    sorted({*refs, *([joint] if joint else [])}))
+                    references)
     md += _evidence(dirs, rows, out, baseline, joint)
     costs = pooled_costs(dirs)
     if costs:
@@ -275,16 +276,6 @@ def write_report(run_dirs: list[Path], out: Path, baseline: str | None = None, j
     md += ["", "## Figures", ""]
     for name, title in plots.render_all(summary, matrices(rows, "retain", "acc"), out):
         md.append(f"### {title}\n\n![{title}]({name})\n")
-    for t in sorted({t for s in summary.values() for t in s.get("by_type", {})}):
-        rbd = {run: b["retention_by_delay"] for run, s in summary.items() if (b := s.get("by_type", {}).get(t))}
-        d_max = max(int(d) for v in rbd.values() for d in v)
-        series = {run: [v[d]["mean"] if d in v else float("nan") for d in range(d_max + 1)] for run, v in rbd.items()}
-        bands = {run: [[v[d]["ci_low"], v[d]["ci_high"]] if d in v else [float("nan")] * 2 for d in range(d_max + 1)]
-                 for run, v in rbd.items()}
-        title = f"Retention vs delay: {t} probes (95% CI band)"
-        plots.lines(series, out / f"retention_by_delay_{t}.png", "delay d (tasks trained since it was learned)",
-                    f"mean retain accuracy ({t})", title, bands=bands)
-        md.append(f"### {title}\n\n![{title}](retention_by_delay_{t}.png)\n")
     (out / "report.md").write_text("\n".join(md).rstrip("\n") + "\n")
     (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=1))
     return out / "report.md"
