@@ -144,3 +144,10 @@ def test_type_delta_f_at_matched_la_is_the_worked_example():
             rows.append({**key, "eval_task": 1, "metric": "acc", "value": 0.5})
     md = "\n".join(_by_type(summarize(rows), rows, {}, "base-lr0.1", []))
     assert "| arm | rule | [0.400, 0.800] | -0.150 | 1 |" in md
+
+
+def test_probe_type_metric_names_round_trip():
+    from topocl.results import probe_type, type_metric
+
+    assert type_metric("fact") == "acc:fact" and probe_type(type_metric("rule")) == "rule"
+    assert probe_type("acc") is None and probe_type("acc_sum") is None and probe_type("acc@all") is None

@@ -30,6 +30,7 @@ from topocl.results import (
     reference_runs,
     replicate_map,
     summarize,
+    type_metric,
 )
 
 RETAIN = [("acc", "ACC ↑"), ("learning_acc", "LA ↑"), ("bwt_gem", "BWT ↑"), ("forgetting_chaudhry", "F Chaudhry ↓"),
@@ -151,7 +152,7 @@ def _by_type(summary: dict, rows: list[dict], replicates: dict, baseline: str | 
            "frontier section; no verdict: not one of the protocol's hypotheses):", "",
            "| arm | type | matched LA range | ΔF per unit, mean [95% t-CI] | n |", "|---|---|---|---|---|"]
     for t in types:
-        fr = frontiers(rows, replicates, exclude=references, metric=f"acc:{t}")
+        fr = frontiers(rows, replicates, exclude=references, metric=type_metric(t))
         for arm, pts in fr.items():
             if arm == base_arm or base_arm not in fr:
                 continue

@@ -165,6 +165,16 @@ def boundary_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["step"] == first[(r["run"], r["seed"], r["order"], r["after_task"])]]
 
 
+def type_metric(probe_type: str) -> str:
+    """The metric of one probe type's accuracy, as the evaluator names it: 'fact' -> 'acc:fact'."""
+    return f"acc:{probe_type}"
+
+
+def probe_type(metric: str) -> str | None:
+    """The probe type of a probe-type metric ('acc:fact' -> 'fact'); None for any other metric."""
+    return metric.split(":", 1)[1] if metric.startswith("acc:") else None
+
+
 def matrices(rows: list[dict], kind: str = "retain", metric: str = "acc") -> dict[tuple, list[list[float]]]:
     """(run, seed, order) -> R with one row per evaluated boundary (row 0 = after_task -1) of T task scores.
 
@@ -368,11 +378,11 @@ def summarize(rows: list[dict], joint_run: str | None = None, baseline_run: str 
                             if J is not None and len(J) == len(R)}
                     if vals:
                         block["intransigence"] = unit_stats(vals, reps)
-        for metric in sorted({r["metric"] for r in mine if r["kind"] == "retain" and r["metric"].startswith("acc:")}):
+        for metric in sorted({r["metric"] for r in mine if r["kind"] == "retain" and probe_type(r["metric"])}):
             Rs = {(k[1], k[2]): R for k, R in matrices(mine, "retain", metric).items()}
             keep = {k: R for k, R in Rs.items() if finished(R)}  # NaN columns allowed: see type_block
             if keep and len({len(R) for R in keep.values()}) == 1:
-                s.setdefault("by_type", {})[metric.split(":", 1)[1]] = type_block(keep, reps)
+                s.setdefault("by_type", {})[probe_type(metric)] = type_block(keep, reps)
         for metric in sorted({r["metric"] for r in mine if r["kind"] == "base"}):
             bc = {(k[1], k[2]): c for k, c in base_curves(mine, metric).items()}
             n = min(len(c) for c in bc.values())

@@ -24,7 +24,7 @@ import re
 from collections.abc import Sequence
 
 from topocl import metrics as M
-from topocl.results import by_unit, matrices, stats
+from topocl.results import by_unit, matrices, probe_type, stats
 
 GRID_SUFFIX = re.compile(r"^(?P<arm>.+)-(?P<knob>lr|lam)(?P<value>[0-9][0-9.eE+-]*)$")
 N_GRID = 21
@@ -96,7 +96,7 @@ def run_points(rows: list[dict], run: str, replicates: dict[tuple, object] | Non
     """One run's frontier point: {"run", "LA": stats, "F": stats, "units": {unit: (LA, F)}} over its complete
     retain-accuracy matrices (streams nested in a replicate averaged first). A probe-type metric (`acc:TYPE`,
     topocl.results.type_block) takes finished matrices: a task without probes of the type is a NaN column."""
-    typed = metric.startswith("acc:")
+    typed = probe_type(metric) is not None
     mats = {(s, o): R for (r, s, o), R in matrices(rows, "retain", metric).items()
             if r == run and len(R) == len(R[0]) + 1 and (typed or not any(math.isnan(v) for row in R for v in row))}
     reps = {k: (replicates or {}).get((run, *k)) for k in mats}
