@@ -84,3 +84,18 @@ def test_reply_cleaning_and_rule_checks():
     assert rule_violations("Magic is paid for with memories; spells are spoken in rhyme.", rules) == 0
     assert rule_violations("She grows strongest at noon and every spell must be spoken in silence.", rules) == 2
     assert re.search("dawn", " ".join(r["answer"] for r in rules))
+
+
+def test_campaign_notes_say_what_their_probes_ask():
+    """Each fact's probes ask a sentence the GM said (premise or note), word for word, e.g. the note has
+    "The frost bow belongs to Anna." for the probe "The frost bow belongs to" -> " Anna"."""
+    for seed in range(3):
+        world = campaign_world(seed, sessions=7, every=2)
+        assert len(world["events"]) == 7 and world["events"][0]["text"] == ""
+        for e in world["events"]:
+            told = world["premise"] if e["turn"] == 0 else e["text"]
+            assert len(e["probes"]) == 8  # 2 facts x owner, giver, when, place
+            for p in e["probes"]:
+                assert f"{p['prompt']}{p['answer']}" in told and p["answer"] in p["candidates"]
+            others = [x for x in world["events"] if x is not e and x["turn"] > 0]
+            assert all(f"{p['prompt']}{p['answer']}" not in x["text"] for x in others for p in e["probes"])

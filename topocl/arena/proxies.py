@@ -3,7 +3,8 @@
 A world is JSON (stored with its session): a title, a premise, world rules and *events*: facts the game
 master introduces at a given turn, each with the probes that ask about it. A campaign world (from the
 `campaign` task stream, topocl.tasks.campaign) puts the magic system and the first session's facts in the
-premise (turn 0) and one later campaign session's facts in a GM note every `every` turns; a player's own
+premise (turn 0) and one later campaign session's facts in a GM note every `every` turns, each fact told as
+the event and then every detail in the words its probe asks (fact_note); a player's own
 premise brings its own checkable facts, one per line as `prompt | answer | distractor, distractor`
 (a line starting with `rule:` is a world rule).
 
@@ -36,16 +37,26 @@ def campaign_world(seed: int, sessions: int = 6, every: int = 2) -> dict:
     rules = [{"stem": stem, "answer": ans, "candidates": list(cands)} for stem, ans, cands in RULES]
     events = []
     for s, task in enumerate(tasks):
-        facts = task.meta["facts"]
-        text = " ".join(f"On the {f['n']} night, {f['g']} handed the {f['e']} {f['i']} to {f['o']} in {f['p']}."
-                        for f in facts)
-        probes = [asdict(p) for p in task.probes if p.tags.get("paraphrase") == "seen" and p.tags.get("type") == "fact"]
+        probes = [p for p in task.probes if p.tags.get("paraphrase") == "seen" and p.tags.get("type") == "fact"]
+        text = " ".join(fact_note(f, [p for p in probes if p.tags.get("item") == f"{f['e']} {f['i']}"])
+                        for f in task.meta["facts"])
+        probes = [asdict(p) for p in probes]
         events.append({"turn": s * every, "text": text, "probes": probes})
     rule_text = " ".join(f"{r['stem']} {r['answer']}." for r in rules)
     premise = (f"You are the game master of a fantasy campaign. {rule_text} "
                f"The heroes Mira, Arlen, Bren and Kael meet at the inn of Thornwall. {events[0]['text']}")
     events[0]["text"] = ""  # already in the premise
     return {"title": f"Campaign world #{seed}", "premise": premise, "rules": rules, "events": events}
+
+
+def fact_note(fact: dict, probes: list[Probe]) -> str:
+    """One fact as the GM tells it: the event, then each detail in the words its probe asks it ("The frost bow
+    belongs to Anna."), so that the recall proxy asks what the session said, not an inference from it. (A
+    135M model ranks "The frost bow belongs to" -> Anna from "Max handed the frost bow to Anna" barely above
+    chance even with the sentence in its context: arena simulate, SmolLM2, 2026-12-07.)"""
+    said = [f"{p.prompt}{p.answer}{' night' if p.tags.get('ask') == 'when' else ''}." for p in probes]
+    return " ".join([f"On the {fact['n']} night, {fact['g']} handed the {fact['e']} {fact['i']} to {fact['o']} in "
+                     f"{fact['p']}.", *said])
 
 
 def parse_fact_line(line: str, n: int) -> tuple[str, dict]:
