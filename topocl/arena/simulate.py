@@ -160,6 +160,9 @@ def simulate(specs: list[ModelSpec], out_dir: str | Path, *, sessions: int = 4, 
         g["sessions_raw"] = [{"session": s, "hits": [list(h) for h in r["hits"]]} for s, r in enumerate(raw[name])]
     result = {"sessions": sessions, "turns": turns, "every": every, "max_probes": max_probes, "seed": seed,
               "gms": gms}
+    state_dir = out / "learner_state"
+    if state_dir.is_dir() and not any(state_dir.iterdir()):
+        state_dir.rmdir()  # every session ended: nothing of the learners is left to keep
     (out / "simulate.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     plot(result, out / "recall_vs_delay.png")
     (out / "report.md").write_text(report(result))
