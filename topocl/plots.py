@@ -164,10 +164,13 @@ def frontier(arms: dict[str, list[dict]], path: Path, labels: dict[str, str] | N
     """Stability–plasticity frontier: F Chaudhry vs LA, one line per arm through its grid points (sorted by LA),
     95% CIs as error bars on both axes; `labels`: run -> point label (its learning rate)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for arm, pts in arms.items():
+    many = len(arms) > 10  # beyond the 10-colour cycle: 20 colours and a marker per arm, so no two arms look alike
+    for i, (arm, pts) in enumerate(arms.items()):
         xs, ys = [p["LA"]["mean"] for p in pts], [p["F"]["mean"] for p in pts]
-        bars = ax.errorbar(xs, ys, xerr=_err(pts, "LA"), yerr=_err(pts, "F"), marker="o", ms=4, capsize=2, lw=1.2,
-                           label=arm)
+        style = {"color": plt.get_cmap("tab20").colors[i % 20], "marker": "os^Dv<>PX*"[i % 10]} if many else {
+            "marker": "o"}
+        bars = ax.errorbar(xs, ys, xerr=_err(pts, "LA"), yerr=_err(pts, "F"), ms=4, capsize=2, lw=1.2, label=arm,
+                           **style)
         for x, y, p in zip(xs, ys, pts):
             if labels and labels.get(p["run"]):
                 ax.annotate(labels[p["run"]], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points",
